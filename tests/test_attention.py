@@ -1,0 +1,136 @@
+"""Attention against a plain NumPy implementation, and the mask builders."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from flaxformer_lite import attention
+
+
+def numpy_attention(q, k, v, mask):
+    """softmax(q k^T / sqrt(d)) v per head, written out with NumPy for q/k/v of shape [b, len, h, d]."""
+    logits = np.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(q.shape[-1])
+    logits = np.where(mask, logits, -np.inf)
+    logits = logits - logits.max(-1, keepdims=True)
+    weights = np.exp(logits)
+    weights = weights / weights.sum(-1, keepdims=True)
+    return np.einsum("bhqk,bkhd->bqhd", weights, v), weights
+
+
+def random_tokens(rng, lengths, max_length):
+    tokens = np.zeros((len(lengths), max_length), np.int32)
+    for row, length in enumerate(lengths):
+        tokens[row, :length] = rng.integers(1, 50, size=length)
+    return tokens
+
+
+def test_mask_builders():
+    tokens = jnp.array([[5, 6, 0], [7, 0, 0]])
+    pad = attention.padding_mask(tokens, tokens)
+    assert pad.shape == (2, 1, 3, 3)
+    np.testing.assert_array_equal(pad[1, 0], [[True, False, False], [False, False, False], [False, False, False]])
+    np.testing.assert_array_equal(attention.causal_mask(3)[0, 0], np.tril(np.ones((3, 3), bool)))
+    segments = jnp.array([[1, 1, 2]])
+    np.testing.assert_array_equal(attention.segment_mask(segments, segments)[0, 0],
+                                  [[True, True, False], [True, True, False], [False, False, True]])
+    combined = attention.combine_masks(attention.segment_mask(segments, segments), None, attention.causal_mask(3))
+    np.testing.assert_array_equal(combined[0, 0], [[True, False, False], [True, True, False], [False, False, True]])
+    assert attention.combine_masks(None, None) is None
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_dot_product_attention_matches_numpy(causal):
+    rng = np.random.default_rng(0)
+    b, length, h, d = 3, 7, 2, 8
+    q, k, v = (rng.normal(size=(b, length, h, d)).astype(np.float32) for _ in range(3))
+    tokens = random_tokens(rng, [7, 4, 1], length)
+    mask = attention.padding_mask(tokens, tokens)
+    if causal:
+        mask = attention.combine_masks(mask, attention.causal_mask(length))
+    # NumPy cannot take a row with no allowed key; real keys exist for every real query, so compare those.
+    mask_np = np.asarray(mask) | ~np.asarray(mask).any(-1, keepdims=True)
+    expected, expected_weights = numpy_attention(q, k, v, mask_np)
+    out, weights = attention.dot_product_attention(q, k, v, mask, return_weights=True)
+    real_queries = tokens != 0
+    np.testing.assert_allclose(np.asarray(out)[real_queries], expected[real_queries], atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(weights).transpose(0, 2, 1, 3)[real_queries],
+                               expected_weights.transpose(0, 2, 1, 3)[real_queries], atol=1e-5)
+
+
+def test_masked_keys_get_exactly_zero_weight_and_rows_sum_to_one():
+    rng = np.random.default_rng(1)
+    q = rng.normal(size=(2, 5, 2, 4)).astype(np.float32)
+    tokens = random_tokens(rng, [5, 2], 5)
+    weights = attention.dot_product_attention_weights(q, q, attention.padding_mask(tokens, tokens))
+    assert np.all(np.asarray(weights)[1, :, :2, 2:] == 0.0)
+    np.testing.assert_allclose(np.asarray(weights).sum(-1), 1.0, atol=1e-6)
+
+
+def test_softmax_is_float32_for_bfloat16_inputs():
+    rng = np.random.default_rng(2)
+    q, k, v = (jnp.asarray(rng.normal(size=(1, 6, 2, 8)), jnp.bfloat16) for _ in range(3))
+    out, weights = attention.dot_product_attention(q, k, v, return_weights=True)
+    assert weights.dtype == jnp.float32
+    assert out.dtype == jnp.bfloat16
+    reference, _ = numpy_attention(*(np.asarray(x, np.float32) for x in (q, k, v)), np.ones((1, 1, 6, 6), bool))
+    np.testing.assert_allclose(np.asarray(out, np.float32), reference, atol=2e-2)
+
+
+def test_attention_dropout_zeroes_or_rescales_probabilities():
+    rng = np.random.default_rng(3)
+    q = rng.normal(size=(2, 6, 2, 4)).astype(np.float32)
+    v = np.eye(6, dtype=np.float32)[None, :, None, :].repeat(2, 0).repeat(2, 2)[..., :4]  # picks out weights
+    rate = 0.5
+    out = attention.dot_product_attention(q, q, v, dropout_rate=rate, dropout_rng=jax.random.key(0),
+                                          deterministic=False)
+    plain = attention.dot_product_attention(q, q, v)
+    ratio = np.asarray(out) / np.asarray(plain)
+    assert np.all(np.isclose(ratio, 0.0) | np.isclose(ratio, 1.0 / (1.0 - rate), rtol=1e-5))
+    assert np.isclose(ratio, 0.0).any() and not np.isclose(ratio, 0.0).all()
+    with pytest.raises(ValueError, match="dropout_rng"):
+        attention.dot_product_attention(q, q, v, dropout_rate=rate, deterministic=False)
+
+
+def _mha_inputs(seed=4):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(2, 5, 16)).astype(np.float32)
+    memory = rng.normal(size=(2, 7, 16)).astype(np.float32)
+    return rng, x, memory
+
+
+@pytest.mark.parametrize("use_bias", [False, True])
+def test_multi_head_attention_matches_numpy(use_bias):
+    rng, x, memory = _mha_inputs()
+    mha = attention.MultiHeadAttention(num_heads=4, head_dim=4, use_bias=use_bias)
+    memory_tokens = random_tokens(rng, [7, 3], 7)
+    mask = attention.padding_mask(np.ones((2, 5), np.int32), memory_tokens)
+    variables = mha.init(jax.random.key(0), x, memory, mask)
+    params = nn.unbox(variables)["params"]
+    assert ("bias" in params["query"]) == use_bias
+
+    def project(name, inputs):
+        kernel = np.asarray(params[name]["kernel"])
+        y = np.einsum("bld,dhk->blhk", inputs, kernel)
+        return y + np.asarray(params[name]["bias"]) if use_bias else y
+
+    heads, _ = numpy_attention(project("query", x), project("key", memory), project("value", memory),
+                               np.asarray(mask))
+    expected = np.einsum("blhk,hkd->bld", heads, np.asarray(params["out"]["kernel"]))
+    if use_bias:
+        expected = expected + np.asarray(params["out"]["bias"])
+    np.testing.assert_allclose(np.asarray(mha.apply(variables, x, memory, mask)), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_multi_head_attention_sows_weights_only_when_asked():
+    _, x, _ = _mha_inputs()
+    mha = attention.MultiHeadAttention(num_heads=4, head_dim=4)
+    variables = mha.init(jax.random.key(0), x, x)
+    assert "intermediates" not in variables
+    plain = mha.apply(variables, x, x)
+    captured, state = mha.apply(variables, x, x, mutable=["intermediates"])
+    np.testing.assert_array_equal(np.asarray(plain), np.asarray(captured))
+    (weights,) = state["intermediates"]["attention_weights"]
+    assert weights.shape == (2, 4, 5, 5)
+    np.testing.assert_allclose(np.asarray(weights).sum(-1), 1.0, atol=1e-6)
