@@ -1,0 +1,82 @@
+"""The device mesh and how arrays are laid out on it. The only module that builds a mesh.
+
+One mesh with three axes serves every strategy:
+
+* ``data``: pure data parallelism (each device holds a full copy of the parameters);
+* ``fsdp``: data parallelism whose parameters and optimizer state are sharded (ZeRO-3 / FSDP);
+* ``tensor``: tensor (model) parallelism inside attention heads, the feed-forward width and the vocabulary.
+
+Parameters carry logical axis names (see ``layers.param_with_axes``); ``LOGICAL_AXIS_RULES`` maps each to a
+mesh axis (or to replication), and batches are split over ``data`` and ``fsdp`` together.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.experimental import mesh_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# Logical axis -> mesh axis (None: replicated). The batch is split over both data-parallel axes.
+LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
+    ("batch", ("data", "fsdp")),
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv", None),
+    ("position", None),
+    ("length", None),
+)
+
+
+def create_mesh(mesh_shape: Sequence[int] = (-1, 1, 1), devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A ``('data', 'fsdp', 'tensor')`` mesh over all (or the given) devices; one entry may be -1."""
+    devices = list(jax.devices() if devices is None else devices)
+    shape = list(mesh_shape)
+    if len(shape) != len(MESH_AXES):
+        raise ValueError(f"mesh_shape {tuple(mesh_shape)} must have {len(MESH_AXES)} entries {MESH_AXES}")
+    if shape.count(-1) > 1:
+        raise ValueError(f"mesh_shape {tuple(mesh_shape)}: at most one entry may be -1")
+    known = int(np.prod([s for s in shape if s != -1]))
+    if -1 in shape:
+        if len(devices) % known:
+            raise ValueError(f"mesh_shape {tuple(mesh_shape)} does not divide {len(devices)} devices")
+        shape[shape.index(-1)] = len(devices) // known
+    if int(np.prod(shape)) != len(devices):
+        raise ValueError(f"mesh_shape {tuple(shape)} needs {int(np.prod(shape))} devices, "
+                         f"but {len(devices)} are available")
+    return Mesh(mesh_utils.create_device_mesh(shape, devices), MESH_AXES)
+
+
+def logical_shardings(boxed_tree: Any, mesh: Mesh, rules=LOGICAL_AXIS_RULES) -> Any:
+    """NamedShardings for a tree whose leaves are (abstract) ``nn.LogicallyPartitioned`` boxes or arrays.
+
+    Leaves without logical names (optimizer counters, the step, the rng) are replicated.
+    """
+    specs = nn.get_partition_spec(boxed_tree)
+    return nn.logical_to_mesh_sharding(specs, mesh, rules)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Batches are ``[batch, length]``: split the batch over ``data`` x ``fsdp``, replicate over ``tensor``."""
+    return NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def data_parallel_size(mesh: Mesh) -> int:
+    return mesh.shape["data"] * mesh.shape["fsdp"]
+
+
+def shard_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+    """Global arrays from this process's rows of the batch (each process feeds its own data shard)."""
+    sharding = batch_sharding(mesh)
+    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}

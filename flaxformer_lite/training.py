@@ -1,0 +1,275 @@
+"""Train state, loss, optimizer, and the pure ``train_step`` / ``eval_step`` functions.
+
+The step functions are plain module-level functions: bind the static pieces (model, optimizer, ``TrainConfig``)
+with ``functools.partial`` and ``jax.jit`` the result with explicit shardings (see ``make_step_functions``).
+Metrics are returned as *sums* (of losses, correct tokens, tokens) so that they add up exactly across
+microbatches, devices and evaluation batches; ``summarize`` turns sums into means.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh
+
+from flaxformer_lite import sharding
+from flaxformer_lite.transformer import Transformer
+
+_SCHEDULES = ("transformer", "rsqrt", "cosine", "constant")
+_OPTIMIZERS = ("adam", "adamw", "adafactor")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Optimization hyperparameters. Defaults are the paper's (5.3, 5.4)."""
+
+    optimizer: str = "adam"  # "adam" (paper), "adamw" or "adafactor".
+    schedule: str = "transformer"  # "transformer" (paper), "rsqrt", "cosine" or "constant".
+    learning_rate: float = 1e-3  # Peak rate for rsqrt/cosine/constant; a multiplier for "transformer".
+    warmup_steps: int = 4000  # Linear warm-up steps (paper: 4000).
+    total_steps: int = 100_000  # Length of training; the cosine schedule decays to its end over it.
+    adam_b1: float = 0.9  # Adam beta1 (paper 0.9).
+    adam_b2: float = 0.98  # Adam beta2 (paper 0.98).
+    adam_eps: float = 1e-9  # Adam epsilon (paper 1e-9).
+    weight_decay: float = 0.0  # Decoupled weight decay (AdamW and Adafactor only).
+    grad_clip_norm: float | None = None  # Clip gradients to this global norm; None disables clipping.
+    label_smoothing: float = 0.1  # epsilon_ls of the paper (0.1).
+    z_loss: float = 0.0  # Weight of log(Z)^2, which keeps the softmax normalizer near 1 (PaLM); 0 disables.
+    microbatches: int = 1  # Gradient accumulation: split each batch into this many sequential parts.
+
+    def __post_init__(self):
+        if self.schedule not in _SCHEDULES:
+            raise ValueError(f"TrainConfig.schedule: {self.schedule!r} is not one of {_SCHEDULES}")
+        if self.optimizer not in _OPTIMIZERS:
+            raise ValueError(f"TrainConfig.optimizer: {self.optimizer!r} is not one of {_OPTIMIZERS}")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError(f"TrainConfig.label_smoothing: must be in [0, 1), got {self.label_smoothing}")
+        if self.microbatches < 1:
+            raise ValueError(f"TrainConfig.microbatches: must be >= 1, got {self.microbatches}")
+        if self.warmup_steps < 0 or self.total_steps < 1:
+            raise ValueError("TrainConfig.warmup_steps must be >= 0 and total_steps >= 1")
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a step reads and writes; a pytree, so it can be sharded, donated and checkpointed."""
+
+    step: jax.Array  # int32 scalar: optimizer updates done so far.
+    params: Any  # Model parameters (unboxed).
+    opt_state: Any  # Optimizer state.
+    rng: jax.Array  # uint32 key data [2]: dropout keys are folded from it and the step.
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Learning rate and optimizer
+# ---------------------------------------------------------------------------------------------------------
+def learning_rate_schedule(cfg: TrainConfig, d_model: int) -> optax.Schedule:
+    """Learning rate as a function of the update count (0-based, as optax passes it)."""
+    warmup = max(cfg.warmup_steps, 1)
+
+    def transformer(count):
+        # Paper 5.3: lr = d_model^-0.5 * min(step^-0.5, step * warmup^-1.5), with step counted from 1.
+        step = count.astype(jnp.float32) + 1.0
+        return cfg.learning_rate * d_model ** -0.5 * jnp.minimum(step ** -0.5, step * warmup ** -1.5)
+
+    def rsqrt(count):
+        step = count.astype(jnp.float32) + 1.0
+        return cfg.learning_rate * jnp.minimum(step / warmup, jnp.sqrt(warmup / step))
+
+    if cfg.schedule == "transformer":
+        return transformer
+    if cfg.schedule == "rsqrt":
+        return rsqrt
+    if cfg.schedule == "cosine":
+        return optax.warmup_cosine_decay_schedule(0.0, cfg.learning_rate, cfg.warmup_steps,
+                                                  max(cfg.total_steps, cfg.warmup_steps + 1))
+    return optax.constant_schedule(cfg.learning_rate)
+
+
+def make_optimizer(cfg: TrainConfig, d_model: int) -> optax.GradientTransformation:
+    schedule = learning_rate_schedule(cfg, d_model)
+    if cfg.optimizer == "adam":
+        optimizer = optax.adam(schedule, b1=cfg.adam_b1, b2=cfg.adam_b2, eps=cfg.adam_eps)
+    elif cfg.optimizer == "adamw":
+        optimizer = optax.adamw(schedule, b1=cfg.adam_b1, b2=cfg.adam_b2, eps=cfg.adam_eps,
+                                weight_decay=cfg.weight_decay)
+    else:
+        optimizer = optax.adafactor(schedule, weight_decay_rate=cfg.weight_decay or None)
+    if cfg.grad_clip_norm is not None:
+        optimizer = optax.chain(optax.clip_by_global_norm(cfg.grad_clip_norm), optimizer)
+    return optimizer
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Loss and metrics
+# ---------------------------------------------------------------------------------------------------------
+def cross_entropy_sums(logits: jax.Array, targets: jax.Array, label_smoothing: float = 0.0,
+                       z_loss: float = 0.0, pad_id: int = 0) -> dict[str, jax.Array]:
+    """Summed per-token losses over non-pad targets.
+
+    ``loss``: cross-entropy against the label-smoothed distribution (1 - eps on the target, eps / (V - 1) on
+    every other token), minus that distribution's entropy, so that a perfect prediction scores 0; plus
+    ``z_loss * log(Z)^2``. ``nll``: plain cross-entropy (its mean gives perplexity). ``correct``: argmax hits.
+    """
+    vocab = logits.shape[-1]
+    weights = (targets != pad_id).astype(jnp.float32)
+    log_z = jax.nn.logsumexp(logits, axis=-1)
+    log_probs = logits - log_z[..., None]
+    target_log_prob = jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
+    nll = -target_log_prob
+    if label_smoothing > 0.0:
+        confidence = 1.0 - label_smoothing
+        low = label_smoothing / (vocab - 1)
+        entropy = -(confidence * jnp.log(confidence) + (vocab - 1) * low * jnp.log(low))
+        # sum_v q_v * (-log p_v) with q = low everywhere except `confidence` on the target.
+        smoothed = -(low * (jnp.sum(log_probs, axis=-1) - target_log_prob) + confidence * target_log_prob)
+        loss = smoothed - entropy
+    else:
+        loss = nll
+    if z_loss > 0.0:
+        loss = loss + z_loss * jnp.square(log_z)
+    correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
+    return {
+        "loss": jnp.sum(loss * weights),
+        "nll": jnp.sum(nll * weights),
+        "correct": jnp.sum(correct * weights),
+        "tokens": jnp.sum(weights),
+    }
+
+
+def summarize(sums: dict[str, Any]) -> dict[str, float]:
+    """Means from summed metrics: loss, accuracy and perplexity per target token."""
+    tokens = max(float(sums["tokens"]), 1.0)
+    nll = float(sums["nll"]) / tokens
+    out = {"loss": float(sums["loss"]) / tokens, "nll": nll, "accuracy": float(sums["correct"]) / tokens,
+           "perplexity": float(jnp.exp(jnp.minimum(nll, 50.0))), "tokens": float(sums["tokens"])}
+    out.update({k: float(v) for k, v in sums.items() if k not in ("loss", "nll", "correct", "tokens")})
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Steps
+# ---------------------------------------------------------------------------------------------------------
+MODEL_KEYS = ("inputs", "targets", "inputs_positions", "targets_positions", "inputs_segmentation",
+              "targets_segmentation")
+
+
+def _model_inputs(batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    return {k: v for k, v in batch.items() if k in MODEL_KEYS}
+
+
+def _loss_sums(params, batch, dropout_rng, *, model: Transformer, cfg: TrainConfig):
+    logits = model.apply({"params": params}, **_model_inputs(batch), deterministic=dropout_rng is None,
+                         rngs=None if dropout_rng is None else {"dropout": dropout_rng})
+    return cross_entropy_sums(logits, batch["targets"], cfg.label_smoothing, cfg.z_loss, model.config.pad_id)
+
+
+def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: Transformer,
+               optimizer: optax.GradientTransformation, cfg: TrainConfig) -> tuple[TrainState, dict]:
+    """One optimizer update on the mean loss per non-pad target token of the whole batch.
+
+    With ``cfg.microbatches > 1`` the batch is split along its first axis and the gradients of the summed
+    losses are accumulated in a ``lax.scan`` before dividing by the batch's total token count, which is the
+    same update as one pass over the full batch, with the activation memory of one microbatch.
+    """
+    rng = jax.random.fold_in(state.rng, state.step)
+
+    def sums_and_grads(params, microbatch, key):
+        def loss_fn(p):
+            sums = _loss_sums(p, microbatch, key, model=model, cfg=cfg)
+            return sums["loss"], sums
+        return jax.grad(loss_fn, has_aux=True)(params)
+
+    if cfg.microbatches == 1:
+        grads, sums = sums_and_grads(state.params, batch, rng)
+    else:
+        split = jax.tree_util.tree_map(
+            lambda x: x.reshape(cfg.microbatches, x.shape[0] // cfg.microbatches, *x.shape[1:]), batch)
+
+        def accumulate(carry, indexed):
+            index, microbatch = indexed
+            grads, sums = sums_and_grads(state.params, microbatch, jax.random.fold_in(rng, index))
+            return jax.tree_util.tree_map(jnp.add, carry, (grads, sums)), None
+
+        zeros = jax.tree_util.tree_map(jnp.zeros_like, jax.eval_shape(
+            sums_and_grads, state.params, jax.tree_util.tree_map(lambda x: x[0], split), rng))
+        (grads, sums), _ = jax.lax.scan(accumulate, zeros, (jnp.arange(cfg.microbatches), split))
+
+    denominator = jnp.maximum(sums["tokens"], 1.0)
+    grads = jax.tree_util.tree_map(lambda g: g / denominator, grads)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = dict(sums, grad_norm=optax.tree.norm(grads))
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+
+def eval_step(params, batch: dict[str, jax.Array], *, model: Transformer, cfg: TrainConfig) -> dict:
+    """Summed loss metrics of one batch without dropout (add them up over the split, then ``summarize``)."""
+    return _loss_sums(params, batch, None, model=model, cfg=cfg)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Initialization and compilation on a mesh
+# ---------------------------------------------------------------------------------------------------------
+def _init_state(rng: jax.Array, batch_shape: tuple[int, int], *, model: Transformer,
+                optimizer: optax.GradientTransformation) -> TrainState:
+    init_rng, state_rng = jax.random.split(rng)
+    dummy = jnp.ones(batch_shape, jnp.int32)
+    boxed = model.init(init_rng, dummy, dummy)["params"]
+    params = nn.unbox(boxed)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
+                      rng=state_rng)
+
+
+def state_shardings(model: Transformer, optimizer: optax.GradientTransformation, mesh: Mesh,
+                    batch_shape: tuple[int, int] = (1, 8)) -> tuple[TrainState, TrainState]:
+    """(abstract state, NamedShardings) for a TrainState, placed by the logical axis rules.
+
+    Optimizer moments have the structure of the parameters and take their shardings; scalars (counts,
+    step) and the rng are replicated.
+    """
+    init = functools.partial(_init_state, batch_shape=batch_shape, model=model, optimizer=optimizer)
+    abstract = jax.eval_shape(init, jax.random.PRNGKey(0))
+    boxed_params = jax.eval_shape(
+        lambda: model.init(jax.random.PRNGKey(0), jnp.ones(batch_shape, jnp.int32),
+                           jnp.ones(batch_shape, jnp.int32))["params"])
+    param_shardings = sharding.logical_shardings(boxed_params, mesh)
+    # Optimizer moments mirror the parameters and take their shardings; counters and factored statistics
+    # (Adafactor's row/column second moments, whose shapes differ from the parameter's) are replicated.
+    replicated = sharding.replicated(mesh)
+    opt_shardings = optax.tree_map_params(
+        optimizer, lambda leaf, shard, param: shard if leaf.shape == param.shape else replicated,
+        abstract.opt_state, param_shardings, abstract.params, transform_non_params=lambda _: replicated)
+    shardings = TrainState(step=sharding.replicated(mesh), params=param_shardings, opt_state=opt_shardings,
+                           rng=sharding.replicated(mesh))
+    abstract = jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                      abstract, shardings)
+    return abstract, shardings
+
+
+def create_train_state(seed: int, model: Transformer, optimizer: optax.GradientTransformation,
+                       state_sharding: TrainState) -> TrainState:
+    """Initializes parameters and optimizer state directly in their shards (never whole on one device)."""
+    init = jax.jit(functools.partial(_init_state, batch_shape=(1, 8), model=model, optimizer=optimizer),
+                   out_shardings=state_sharding)
+    return init(jax.random.PRNGKey(seed))
+
+
+def make_step_functions(model: Transformer, optimizer: optax.GradientTransformation, cfg: TrainConfig,
+                        mesh: Mesh, state_sharding: TrainState) -> tuple[Callable, Callable]:
+    """``jax.jit``-compiled (train_step, eval_step) with explicit shardings; the train state is donated."""
+    batch = sharding.batch_sharding(mesh)
+    metrics = sharding.replicated(mesh)
+    train = jax.jit(functools.partial(train_step, model=model, optimizer=optimizer, cfg=cfg),
+                    in_shardings=(state_sharding, batch), out_shardings=(state_sharding, metrics),
+                    donate_argnums=0)
+    evaluate = jax.jit(functools.partial(eval_step, model=model, cfg=cfg),
+                       in_shardings=(state_sharding.params, batch), out_shardings=metrics)
+    return train, evaluate
