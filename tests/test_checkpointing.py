@@ -1,0 +1,249 @@
+"""Tests for flaxformer_lite.checkpointing (CPU, 8 virtual devices from conftest.py; small states, fast)."""
+
+from __future__ import annotations
+
+import gc
+import logging
+import os
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P, SingleDeviceSharding
+
+from flaxformer_lite.checkpointing import Checkpointer
+
+# After a failed restore Orbax leaves the cancelled sibling reads (coroutines) to the garbage collector, which
+# pytest reports as warnings; the tests that damage checkpoints collect them before they end.
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning"),
+    pytest.mark.filterwarnings("ignore:coroutine .* was never awaited:RuntimeWarning"),
+]
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: dict
+    opt_state: optax.OptState
+    rng: jax.Array
+
+
+_TX = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(optax.linear_schedule(1e-3, 0.0, 100)))
+
+
+def make_params(seed: int) -> dict:
+    k1, k2, k3 = jax.random.split(jax.random.PRNGKey(seed), 3)
+    return {
+        "encoder": {"kernel": jax.random.normal(k1, (16, 32)), "bias": jax.random.normal(k2, (32,))},
+        "embedding": jax.random.normal(k3, (64, 16)),
+    }
+
+
+def make_state(seed: int = 0, step: int = 7) -> TrainState:
+    params = make_params(seed)
+    opt_state = _TX.init(params)
+    # Make the optimizer state non-trivial (count > 0, non-zero moments), as after real training steps.
+    _, opt_state = _TX.update(params, opt_state, params)
+    return TrainState(
+        step=jnp.asarray(step, jnp.int32),
+        params=params,
+        opt_state=opt_state,
+        rng=jax.random.key_data(jax.random.PRNGKey(seed + 100)),
+    )
+
+
+def abstract(tree, sharding_fn):
+    """ShapeDtypeStructs with shardings, as the trainer builds them from jax.eval_shape."""
+    return jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding_fn(x)),
+        jax.eval_shape(lambda: tree),
+    )
+
+
+def one_device(x):
+    return SingleDeviceSharding(jax.devices()[0])
+
+
+def assert_trees_equal(a, b):
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        assert np.asarray(x).dtype == np.asarray(y).dtype
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_round_trip_interval_and_keep_last_k(tmp_path):
+    directory = tmp_path / "ckpt"
+    state = make_state()
+    with Checkpointer(directory, save_interval_steps=2, max_to_keep=2) as ckpt:
+        assert ckpt.latest_step() is None and ckpt.all_steps() == [] and ckpt.best_step() is None
+        assert not ckpt.should_save(1) and ckpt.should_save(2)
+        saved = [s for s in range(1, 10) if ckpt.save(s, state, data_state={"iter": s, "name": "x"})]
+        assert saved == [2, 4, 6, 8]  # the interval, and no extra "initial" save at step 1
+        assert ckpt.save(9, state, data_state={"iter": 9, "name": "final"}, force=True)  # final save
+        assert not ckpt.save(9, state, force=True)  # already saved: skipped, not an error
+        ckpt.wait_until_finished()
+        assert ckpt.all_steps() == [8, 9] and ckpt.latest_step() == 9
+        assert sorted(p.name for p in directory.iterdir() if p.name.isdigit()) == ["8", "9"]
+
+    # A fresh Checkpointer (a resumed run) sees the same steps and restores bit for bit.
+    with Checkpointer(directory, save_interval_steps=2, max_to_keep=2) as ckpt:
+        assert ckpt.all_steps() == [8, 9]
+        restored, data_state, step = ckpt.restore(abstract(state, one_device))
+        assert step == 9 and data_state == {"iter": 9, "name": "final"}
+        assert isinstance(restored, TrainState)
+        assert_trees_equal(restored, state)
+        _, data_state, step = ckpt.restore(abstract(state, one_device), step=8)
+        assert step == 8 and data_state == {"iter": 8, "name": "x"}
+
+
+def test_synchronous_save_and_no_data_state(tmp_path):
+    state = make_state()
+    with Checkpointer(tmp_path, save_interval_steps=1, max_to_keep=None, async_save=False) as ckpt:
+        assert ckpt.save(3, state)
+        assert ckpt.all_steps() == [3]
+        restored, data_state, step = ckpt.restore(abstract(state, one_device))
+    assert step == 3 and data_state is None
+    assert_trees_equal(restored, state)
+
+
+def test_restore_onto_other_meshes(tmp_path):
+    mesh8 = jax.make_mesh((8,), ("data",))
+    state = make_state()
+    # Shard every array whose leading dimension divides by 8 over all 8 devices.
+    def shard8(x):
+        return jax.device_put(x, NamedSharding(mesh8, P("data") if x.shape and x.shape[0] % 8 == 0 else P()))
+
+    sharded = jax.tree.map(shard8, state)
+    assert sharded.params["embedding"].sharding.spec == P("data")
+    with Checkpointer(tmp_path, save_interval_steps=1, max_to_keep=3) as ckpt:
+        ckpt.save(1, sharded, data_state={"pos": 1})
+        ckpt.wait_until_finished()
+
+        on_one, _, _ = ckpt.restore(abstract(state, one_device))
+        assert_trees_equal(on_one, state)
+        assert on_one.params["embedding"].sharding.device_set == {jax.devices()[0]}
+
+        mesh222 = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"))
+        specs = {2: P("fsdp", "tensor"), 1: P("tensor")}
+        on_cube, data_state, _ = ckpt.restore(
+            abstract(state, lambda x: NamedSharding(mesh222, specs.get(x.ndim, P())))
+        )
+        assert data_state == {"pos": 1}
+        assert_trees_equal(on_cube, state)
+        kernel = on_cube.params["encoder"]["kernel"]
+        assert kernel.sharding.mesh.shape == {"data": 2, "fsdp": 2, "tensor": 2}
+        assert kernel.sharding.spec == P("fsdp", "tensor")
+        assert kernel.addressable_shards[0].data.shape == (8, 16)
+
+
+def test_restore_params_and_average(tmp_path):
+    same, other = make_state(seed=0), make_state(seed=1)
+    abstract_params = abstract(same.params, one_device)
+    with Checkpointer(tmp_path, save_interval_steps=1, max_to_keep=None) as ckpt:
+        for step, state in [(1, same), (2, same), (3, same), (4, other)]:
+            ckpt.save(step, state)
+        assert_trees_equal(ckpt.restore_params(abstract_params), other.params)  # latest
+        assert ckpt.last_restored_step == 4
+        assert_trees_equal(ckpt.restore_params(abstract_params, step=1), same.params)
+        assert_trees_equal(ckpt.restore_params_average(abstract_params, [1, 2, 3]), same.params)
+        mean = ckpt.restore_params_average(abstract_params, [3, 4])
+        expected = jax.tree.map(lambda a, b: (np.asarray(a) + np.asarray(b)) / 2, same.params, other.params)
+        for x, y in zip(jax.tree.leaves(mean), jax.tree.leaves(expected)):
+            np.testing.assert_allclose(np.asarray(x), y, rtol=1e-6, atol=1e-6)
+        with pytest.raises(ValueError):
+            ckpt.restore_params(abstract_params, step="best")  # no best_metric
+
+
+def _truncate_data_files(step_dir):
+    for root, _, files in os.walk(step_dir / "state"):
+        for name in files:
+            if f"{os.sep}d" in root:  # OCDBT data files live in .../d/
+                path = os.path.join(root, name)
+                with open(path, "r+b") as f:
+                    f.truncate(os.path.getsize(path) // 2)
+
+
+def _delete_largest_data_file(step_dir):
+    files = [os.path.join(r, n) for r, _, fs in os.walk(step_dir / "state") for n in fs if f"{os.sep}d" in r]
+    os.remove(max(files, key=os.path.getsize))
+
+
+def _remove_commit_marker(step_dir):
+    os.remove(step_dir / "commit_success.txt")
+
+
+@pytest.mark.parametrize("damage", [_truncate_data_files, _delete_largest_data_file, _remove_commit_marker])
+def test_damaged_latest_falls_back_with_warning(tmp_path, caplog, damage):
+    states = {step: make_state(seed=step, step=step) for step in (1, 2, 3)}
+    with Checkpointer(tmp_path, save_interval_steps=1, max_to_keep=5) as ckpt:
+        for step, state in states.items():
+            ckpt.save(step, state, data_state={"pos": step})
+    damage(tmp_path / "3")
+    # A crashed save leaves a tmp directory: it must never be taken for a checkpoint.
+    (tmp_path / "4.orbax-checkpoint-tmp").mkdir()
+    (tmp_path / "4.orbax-checkpoint-tmp" / "junk").write_text("partial")
+
+    caplog.set_level(logging.WARNING)
+    with Checkpointer(tmp_path, save_interval_steps=1, max_to_keep=5) as ckpt:
+        assert ckpt.latest_step() == 3
+        # Evaluation reads only the params: it skips step 3 if the damage touches them (a deleted file may
+        # hold only optimizer state), and never deletes anything.
+        params = ckpt.restore_params(abstract(states[1].params, one_device))
+        assert ckpt.last_restored_step in (2, 3)
+        assert_trees_equal(params, states[ckpt.last_restored_step].params)
+        assert ckpt.all_steps() == [1, 2, 3]
+
+        caplog.clear()
+        restored, data_state, step = ckpt.restore(abstract(states[1], one_device))
+        assert step == 2 and data_state == {"pos": 2}
+        assert_trees_equal(restored, states[2])
+        warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert any("checkpoint step 3" in w and "trying the previous" in w for w in warnings), warnings
+        # Resuming from step 2 discards the unreadable step 3, so the run can save step 3 again.
+        assert ckpt.all_steps() == [1, 2]
+        assert ckpt.save(3, states[3], force=True)
+        ckpt.wait_until_finished()
+        assert ckpt.restore(abstract(states[1], one_device))[2] == 3
+    gc.collect()
+
+
+def test_all_checkpoints_unreadable_raises(tmp_path):
+    state = make_state()
+    with Checkpointer(tmp_path, save_interval_steps=1, max_to_keep=5) as ckpt:
+        ckpt.save(1, state)
+        ckpt.wait_until_finished()
+        _remove_commit_marker(tmp_path / "1")
+        with pytest.raises(RuntimeError, match="No restorable checkpoint"):
+            ckpt.restore(abstract(state, one_device))
+        assert ckpt.all_steps() == [1]  # nothing is deleted when nothing could be restored
+    gc.collect()
+
+
+@pytest.mark.parametrize(
+    "mode, values, max_to_keep, expected_steps, expected_best",
+    [
+        ("max", [1.0, 5.0, 2.0, 3.0, 4.0], 2, [2, 4, 5], 2),
+        ("min", [3.0, 1.0, 2.0, 4.0], 1, [2, 4], 2),
+    ],
+)
+def test_best_checkpoint_survives_keep_last_k(
+    tmp_path, mode, values, max_to_keep, expected_steps, expected_best
+):
+    state = make_state()
+    with Checkpointer(
+        tmp_path, save_interval_steps=1, max_to_keep=max_to_keep, best_metric="bleu", best_mode=mode
+    ) as ckpt:
+        for step, value in enumerate(values, start=1):
+            ckpt.save(step, state, metrics={"bleu": np.float32(value), "loss": 0.5})
+        ckpt.wait_until_finished()
+        assert ckpt.best_step() == expected_best
+        assert ckpt.all_steps() == expected_steps
+    with Checkpointer(
+        tmp_path, save_interval_steps=1, max_to_keep=max_to_keep, best_metric="bleu", best_mode=mode
+    ) as ckpt:
+        assert ckpt.best_step() == expected_best  # metrics are read back from disk
+        assert_trees_equal(ckpt.restore_params(abstract(state.params, one_device), step="best"), state.params)

@@ -1,0 +1,129 @@
+"""The training entry point end to end: files of a run, exact resume, preemption, and bad flags."""
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+from ml_collections import config_flags  # noqa: F401  (the config files are plain modules)
+
+from flaxformer_lite import checkpointing, trainer, training
+from flaxformer_lite.transformer import Transformer
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+TRAIN = ROOT / "experiments" / "train.py"
+TINY = ROOT / "experiments" / "configs" / "tiny.py"
+
+
+def tiny_config(data_dir, **overrides):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("tiny_config", TINY)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+    config.data_dir = str(data_dir)
+    for key, value in overrides.items():
+        section, _, field = key.rpartition(".")
+        (config[section] if section else config)[field] = value
+    return config
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("tfds")
+
+
+def run_train(*args, timeout=240):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+    return subprocess.run([sys.executable, str(TRAIN), *args], capture_output=True, text=True, timeout=timeout,
+                          env=env, cwd=ROOT)
+
+
+def final_params(workdir, step):
+    config = trainer.load_run_config(str(workdir))
+    model = Transformer(trainer.config_lib.build("model", config))
+    optimizer = training.make_optimizer(trainer.config_lib.build("train", config), model.config.d_model)
+    mesh = training.sharding.create_mesh((1, 1, 1), jax.devices()[:1])
+    abstract, _ = training.state_shardings(model, optimizer, mesh)
+    with checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), save_interval_steps=1,
+                                    max_to_keep=None) as ckpt:
+        return jax.device_get(ckpt.restore_params(abstract.params, step=step))
+
+
+def test_train_script_runs_the_tiny_config_end_to_end(tmp_path, data_dir):
+    workdir = tmp_path / "run"
+    result = run_train(f"--config={TINY}", f"--workdir={workdir}", f"--config.data_dir={data_dir}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "eval/loss=" in result.stdout
+    config = json.loads((workdir / "config.json").read_text())
+    assert config["model"]["vocab_size"] > 3 and config["dataset"]["kind"] == "scan"
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert {r["step"] for r in records if "train/loss" in r} >= {2, 4, 6}
+    assert [r["step"] for r in records if "eval/loss" in r] == [3, 6]
+    assert sorted(os.listdir(workdir / "checkpoints")) == ["3", "6"]
+    assert any(name.startswith("events.out.tfevents") for name in os.listdir(workdir / "tensorboard"))
+    assert (workdir / "vocab" / "words.json").exists()
+    # Progress lines: step, loss, throughput and ETA.
+    assert "step 6/6" in result.stderr and "tok/s" in result.stderr and "ETA" in result.stderr
+
+
+def test_resume_gives_bitwise_the_same_parameters(tmp_path, data_dir):
+    overrides = {"model.dropout_rate": 0.1, "data.batch_size": 8}  # Dropout: the rng must resume too.
+    straight = tmp_path / "straight"
+    trainer.train_and_evaluate(tiny_config(data_dir, num_train_steps=6, **overrides), str(straight))
+    resumed = tmp_path / "resumed"
+    first = trainer.train_and_evaluate(tiny_config(data_dir, num_train_steps=3, **overrides), str(resumed))
+    assert first["step"] == 3
+    second = trainer.train_and_evaluate(tiny_config(data_dir, num_train_steps=6, **overrides), str(resumed))
+    assert second["step"] == 6
+    # CPU XLA is deterministic and the resumed run sees the same batches and dropout keys: bitwise equal.
+    jax.tree_util.tree_map(np.testing.assert_array_equal, final_params(resumed, 6), final_params(straight, 6))
+    steps = [json.loads(line)["step"] for line in (resumed / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(steps)  # One run's log, not two interleaved.
+
+
+def test_sigterm_saves_a_restorable_checkpoint_and_resume_continues(tmp_path, data_dir):
+    workdir = tmp_path / "preempted"
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+    process = subprocess.Popen(
+        [sys.executable, str(TRAIN), f"--config={TINY}", f"--workdir={workdir}", f"--config.data_dir={data_dir}",
+         "--config.num_train_steps=100000", "--config.checkpoint_every_steps=100000",
+         "--config.eval_every_steps=100000"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+    metrics = workdir / "metrics.jsonl"
+    deadline = time.time() + 180
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 3):
+        assert process.poll() is None and time.time() < deadline, process.communicate()[1][-3000:]
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 0, stderr[-3000:]
+    assert "SIGTERM received" in stderr and "Preempted: saved step" in stderr
+    (saved,) = [int(name) for name in os.listdir(workdir / "checkpoints") if name.isdigit()]
+    assert saved >= 3  # metrics.jsonl had 3 lines (one per step with log_every_secs=0) before SIGTERM.
+    params = final_params(workdir, saved)
+    assert params["shared_embedding"]["embedding"].shape[1] == 32
+    result = run_train(f"--config={TINY}", f"--workdir={workdir}", f"--config.data_dir={data_dir}",
+                       f"--config.num_train_steps={saved + 2}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"Resumed from step {saved}" in result.stderr and f"step={saved + 2}" in result.stdout
+
+
+@pytest.mark.parametrize("flag, message", [
+    ("--config.model.d_modle=64", "d_modle"),
+    ("--config.model.d_model=abc", "d_model"),
+    ("--config.model.activation=swish", "config.model: TransformerConfig.activation"),
+    ("--config.mesh_shape=(3,1,1)", "mesh_shape"),
+])
+def test_bad_flags_fail_clearly_and_write_nothing(tmp_path, data_dir, flag, message):
+    workdir = tmp_path / "bad"
+    result = run_train(f"--config={TINY}", f"--workdir={workdir}", f"--config.data_dir={data_dir}", flag)
+    assert result.returncode != 0
+    assert message in result.stderr
+    assert not workdir.exists()
