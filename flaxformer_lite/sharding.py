@@ -12,8 +12,10 @@ mesh axis (or to replication), and batches are split over ``data`` and ``fsdp`` 
 
 from __future__ import annotations
 
+import os
 from typing import Any, Sequence
 
+from absl import logging
 import flax.linen as nn
 import jax
 import numpy as np
@@ -33,6 +35,26 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
     ("position", None),
     ("length", None),
 )
+
+
+def initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
+                           process_id: int | None = None) -> None:
+    """Starts JAX's multi-controller runtime when this is one of several processes (one per host).
+
+    Explicit arguments win; otherwise JAX detects the cluster itself (Slurm with more than one task, Cloud
+    TPU pods with more than one worker, ...). A single process needs nothing and is left alone.
+    """
+    explicit = coordinator_address is not None or (num_processes or 1) > 1
+    slurm_tasks = int(os.environ.get("SLURM_NTASKS", "1"))
+    tpu_hosts = len([h for h in os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",") if h])
+    if not explicit and slurm_tasks <= 1 and tpu_hosts <= 1:
+        return
+    if explicit:
+        jax.distributed.initialize(coordinator_address, num_processes, process_id)
+    else:
+        jax.distributed.initialize()
+    logging.info("jax.distributed: process %d of %d, %d local / %d global devices", jax.process_index(),
+                 jax.process_count(), jax.local_device_count(), jax.device_count())
 
 
 def create_mesh(mesh_shape: Sequence[int] = (-1, 1, 1), devices: Sequence[jax.Device] | None = None) -> Mesh:

@@ -15,6 +15,7 @@ so an interrupted run continues with exactly the batches an uninterrupted one wo
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -185,48 +186,30 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
     writer = MetricsWriter(workdir, start_step)
     preemption = _PreemptionFlag()
-    num_steps = config.num_train_steps
-    pending: list[dict] = []
+    progress = _Progress(start_step, config.num_train_steps,
+                         training.learning_rate_schedule(train_cfg, data.model_config.d_model))
     last_metrics: dict[str, float] = {}
-    log_time = time.perf_counter()
-    log_step = start_step
-    run_start = time.perf_counter()
     step = start_step
     try:
-        while step < num_steps and not preemption.requested:
-            batch = next(batches)
-            state, metrics = train_step(state, sharding.shard_batch(batch, mesh))
-            pending.append(metrics)
+        while step < config.num_train_steps and not preemption.requested:
+            state, metrics = train_step(state, sharding.shard_batch(next(batches), mesh))
+            progress.add(metrics)
             step += 1
-            now = time.perf_counter()
-            is_last = step == num_steps
-            if step % config.metrics_every_steps == 0 or is_last or now - log_time >= config.log_every_secs:
-                sums = jax.tree_util.tree_map(lambda *xs: float(np.sum(xs)), *jax.device_get(pending))
-                pending = []
-                elapsed = time.perf_counter() - log_time
-                summary = training.summarize(sums)
-                rates = {"steps_per_sec": (step - log_step) / elapsed,
-                         "target_tokens_per_sec": sums["tokens"] / elapsed}
-                eta = (num_steps - step) / max(rates["steps_per_sec"], 1e-9)
-                logging.info("step %d/%d  loss %.4f  acc %.4f  %.1f steps/s  %.0f tok/s  ETA %s", step,
-                             num_steps, summary["loss"], summary["accuracy"], rates["steps_per_sec"],
-                             rates["target_tokens_per_sec"], _format_seconds(eta))
-                last_metrics = {f"train/{k}": v for k, v in summary.items() if k != "grad_norm"}
-                last_metrics["train/grad_norm"] = sums["grad_norm"] / max(step - log_step, 1)
-                last_metrics["train/learning_rate"] = float(
-                    training.learning_rate_schedule(train_cfg, data.model_config.d_model)(np.int32(step - 1)))
-                last_metrics.update({f"train/{k}": v for k, v in rates.items()})
+            is_last = step == config.num_train_steps
+            if step % config.metrics_every_steps == 0 or is_last or progress.seconds_since_log() >= \
+                    config.log_every_secs:
+                last_metrics = progress.log(step)
                 writer.write(step, last_metrics)
-                log_time, log_step = time.perf_counter(), step
-            if step % config.eval_every_steps == 0 or is_last:
-                eval_metrics = evaluate_loss(eval_step, state.params, eval_data, mesh, config.eval_max_batches)
-                logging.info("step %d eval (%s): loss %.4f  acc %.4f  ppl %.2f", step, config.eval_split,
-                             eval_metrics["loss"], eval_metrics["accuracy"], eval_metrics["perplexity"])
-                eval_metrics = {f"eval/{k}": v for k, v in eval_metrics.items()}
-                writer.write(step, eval_metrics)
-                last_metrics.update(eval_metrics)
-            if checkpointer.should_save(step) or is_last:
-                checkpointer.save(step, state, data_state=batches.get_state(), force=True)
+            with progress.paused():  # Evaluation and checkpointing don't count against training speed.
+                if step % config.eval_every_steps == 0 or is_last:
+                    eval_metrics = evaluate_loss(eval_step, state.params, eval_data, mesh, config.eval_max_batches)
+                    logging.info("step %d eval (%s): loss %.4f  acc %.4f  ppl %.2f", step, config.eval_split,
+                                 eval_metrics["loss"], eval_metrics["accuracy"], eval_metrics["perplexity"])
+                    eval_metrics = {f"eval/{k}": v for k, v in eval_metrics.items()}
+                    writer.write(step, eval_metrics)
+                    last_metrics.update(eval_metrics)
+                if checkpointer.should_save(step) or is_last:
+                    checkpointer.save(step, state, data_state=batches.get_state(), force=True)
         if preemption.requested and step > start_step:
             checkpointer.save(step, state, data_state=batches.get_state(), force=True)
             logging.warning("Preempted: saved step %d; rerun the same command to resume.", step)
@@ -235,8 +218,63 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         checkpointer.close()
         writer.close()
         preemption.restore()
-    logging.info("Done: step %d in %s (this session %.0f s).", step, workdir, time.perf_counter() - run_start)
+    logging.info("Done: step %d in %s (this session %.0f s).", step, workdir, progress.session_seconds())
     return {"step": step, **last_metrics}
+
+
+class _Progress:
+    """Accumulates step metrics on the device and turns them into log lines, rates and an ETA.
+
+    Metrics stay on the device until a log line needs them, so the loop never waits for a step to finish
+    just to read its loss. Time spent inside ``paused()`` (evaluation, checkpoints) is left out of rates.
+    """
+
+    def __init__(self, start_step: int, num_steps: int, schedule):
+        self._pending: list[dict] = []
+        self._start_step, self._num_steps, self._schedule = start_step, num_steps, schedule
+        self._session_start = self._log_time = time.perf_counter()
+        self._log_step = start_step
+        self._paused = 0.0
+        self._train_seconds, self._train_steps = 0.0, 0  # After the first log line (which includes compiling).
+
+    def add(self, metrics: dict) -> None:
+        self._pending.append(metrics)
+
+    def seconds_since_log(self) -> float:
+        return time.perf_counter() - self._log_time
+
+    def session_seconds(self) -> float:
+        return time.perf_counter() - self._session_start
+
+    @contextlib.contextmanager
+    def paused(self):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._paused += time.perf_counter() - start
+
+    def log(self, step: int) -> dict[str, float]:
+        sums = jax.tree_util.tree_map(lambda *xs: float(np.sum(xs)), *jax.device_get(self._pending))
+        steps = step - self._log_step
+        elapsed = max(time.perf_counter() - self._log_time - self._paused, 1e-9)
+        if self._log_step > self._start_step:
+            self._train_seconds += elapsed
+            self._train_steps += steps
+        rate = self._train_steps / self._train_seconds if self._train_steps else steps / elapsed
+        summary = training.summarize(sums)
+        metrics = {f"train/{k}": v for k, v in summary.items()}
+        metrics.update({
+            "train/grad_norm": sums["grad_norm"] / max(steps, 1),  # Mean over the steps of this line.
+            "train/learning_rate": float(self._schedule(np.int32(step - 1))),
+            "train/steps_per_sec": steps / elapsed,
+            "train/target_tokens_per_sec": sums["tokens"] / elapsed,
+        })
+        logging.info("step %d/%d  loss %.4f  acc %.4f  %.1f steps/s  %.0f tok/s  ETA %s", step, self._num_steps,
+                     summary["loss"], summary["accuracy"], metrics["train/steps_per_sec"],
+                     metrics["train/target_tokens_per_sec"], _format_seconds((self._num_steps - step) / rate))
+        self._pending, self._log_time, self._log_step, self._paused = [], time.perf_counter(), step, 0.0
+        return metrics
 
 
 def _format_seconds(seconds: float) -> str:
