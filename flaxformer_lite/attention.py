@@ -101,11 +101,25 @@ class MultiHeadAttention(nn.Module):
     """Multi-head attention (paper, 3.2.2): project to heads, attend per head, concatenate, project back.
 
     Used as self-attention (``inputs_kv is inputs_q``) and as encoder-decoder attention. The projections
-    have no bias by default, as in the paper. With ``decode=True`` the layer keeps the keys and values of
-    the steps decoded so far in the ``cache`` collection and takes one new position per call (initialize
-    the cache by calling ``init`` with ``decode=True`` on a full-length input). The attention probabilities
-    are sown into the ``intermediates`` collection as ``attention_weights``; this costs nothing unless the
-    caller makes that collection mutable.
+    have no bias by default, as in the paper. The attention probabilities are sown into the
+    ``intermediates`` collection as ``attention_weights``; this costs nothing unless the caller makes that
+    collection mutable.
+
+    Incremental decoding (``decode=True``) keeps keys and values in the ``cache`` collection, which must be
+    mutable; every cache entry is a plain array whose leading axis is the batch (or a scalar counter), so a
+    beam search can gather or tile the cache along axis 0. Two kinds of cache:
+
+    * ``static_kv=False`` (decoder self-attention): each call takes one new query position, appends its key
+      and value at ``cache_index`` of ``cached_key``/``cached_value`` ``[b, max_length, h, d]`` and attends
+      over the positions filled so far. The cache is created (zeros, shapes only) by calling ``init`` with
+      ``decode=True`` on a full-length input.
+    * ``static_kv=True`` (encoder-decoder attention): the keys and values come from a memory that is the
+      same at every step (the encoder output), so they are projected once per sentence, not once per step.
+      A call given ``inputs_kv`` projects it and stores the result as ``cached_key``/``cached_value``
+      ``[b, s, h, d]``; a call with ``inputs_kv=None`` skips the key/value projections and attends over the
+      stored ones. ``inputs_q=None`` only fills the cache (and returns ``None``): that is how a decoder
+      primes its cache before the first step. A cache made by ``init`` holds projections under ``init``'s
+      own fresh parameters: prime it, or give the first step ``inputs_kv``, with the real parameters.
     """
 
     num_heads: int  # Number of attention heads h.
@@ -118,23 +132,37 @@ class MultiHeadAttention(nn.Module):
     @nn.compact
     def __call__(
         self,
-        inputs_q: jax.Array,
-        inputs_kv: jax.Array,
+        inputs_q: jax.Array | None,
+        inputs_kv: jax.Array | None,
         mask: jax.Array | None = None,
         *,
         deterministic: bool = True,
         decode: bool = False,
-    ) -> jax.Array:
-        d_model = inputs_q.shape[-1]
+        static_kv: bool = False,
+    ) -> jax.Array | None:
+        """Attends from ``inputs_q [b, q, d]`` to ``inputs_kv [b, k, d]`` under ``mask``.
+
+        ``decode`` and ``static_kv`` select the incremental-decoding cache (see the class docstring). Only
+        with ``decode=True, static_kv=True`` may ``inputs_kv`` be ``None`` (read the cached memory) or
+        ``inputs_q`` be ``None`` (only store the memory). ``static_kv`` has no effect without ``decode``.
+        """
         project = lambda name: DenseGeneral(  # noqa: E731  (three identical projections)
             (self.num_heads, self.head_dim), ("embed",), ("heads", "kv"), use_bias=self.use_bias,
             dtype=self.dtype, param_dtype=self.param_dtype, name=name)
+        if decode and static_kv and inputs_q is None:
+            self._static_cache(inputs_kv, project)
+            return None
+        if inputs_q is None or (inputs_kv is None and not (decode and static_kv)):
+            raise ValueError("inputs_q/inputs_kv may be None only with decode=True and static_kv=True")
+        d_model = inputs_q.shape[-1]
         query = project("query")(inputs_q)
-        key = project("key")(inputs_kv)
-        value = project("value")(inputs_kv)
-
-        if decode:
-            key, value, mask = self._update_cache(key, value, mask)
+        if decode and static_kv:
+            key, value = self._static_cache(inputs_kv, project)
+        else:
+            key = project("key")(inputs_kv)
+            value = project("value")(inputs_kv)
+            if decode:
+                key, value, mask = self._update_cache(key, value, mask)
 
         dropout_rng = None
         if not deterministic and self.dropout_rate > 0.0:
@@ -166,3 +194,17 @@ class MultiHeadAttention(nn.Module):
         cache_index.value = index + 1
         filled = (jnp.arange(max_length) <= index)[None, None, None, :]
         return key, value, combine_masks(mask, filled)
+
+    def _static_cache(self, inputs_kv: jax.Array | None, project):
+        """Keys/values of a memory that does not change between steps: projected once, then read back."""
+        if inputs_kv is not None:
+            key = project("key")(inputs_kv)
+            value = project("value")(inputs_kv)
+            cached_key = self.variable("cache", "cached_key", lambda: key)
+            cached_value = self.variable("cache", "cached_value", lambda: value)
+            cached_key.value, cached_value.value = key, value
+            return key, value
+        if not self.has_variable("cache", "cached_key"):
+            raise ValueError("static_kv decoding with inputs_kv=None needs a cache holding the projected "
+                             "memory: give inputs_kv (the encoder output) first")
+        return self.get_variable("cache", "cached_key"), self.get_variable("cache", "cached_value")

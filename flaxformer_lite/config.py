@@ -66,6 +66,10 @@ def default_config() -> ml_collections.ConfigDict:
     config.metrics_every_steps = 50  # Training metrics to metrics.jsonl / TensorBoard every this many steps.
     config.eval_every_steps = 1000  # Validation loss/accuracy every this many steps (and at the end).
     config.eval_max_batches = 0  # Cap on validation batches per evaluation; 0 means the whole split.
+    config.decode_eval_examples = 0  # Translate this many eval examples at each evaluation (BLEU, exact match).
+    config.decode_eval_method = "greedy"  # Decoding used for those: greedy is fast; "beam" is what is reported.
+    config.num_logged_translations = 3  # Sample translations shown in the log at each evaluation.
+    config.checkpoint_best_metric = ""  # Also keep the best checkpoint by this eval metric (e.g. "eval/bleu").
     config.checkpoint_every_steps = 1000  # Save a checkpoint every this many steps (and at the end).
     config.keep_checkpoints = 3  # Keep this many most recent checkpoints.
     config.async_checkpoints = True  # Write checkpoints in the background while training goes on.
@@ -104,6 +108,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
         build(section, config)
     if config.num_train_steps < 1:
         raise ValueError(f"config.num_train_steps must be >= 1, got {config.num_train_steps}")
+    if config.checkpoint_best_metric and not config.decode_eval_examples:
+        raise ValueError("config.checkpoint_best_metric needs config.decode_eval_examples > 0")
+    if config.checkpoint_best_metric and config.checkpoint_every_steps % config.eval_every_steps:
+        raise ValueError("config.checkpoint_best_metric needs checkpoint_every_steps to be a multiple of "
+                         "eval_every_steps, so that every checkpoint has a metric")
     for name in ("eval_every_steps", "checkpoint_every_steps", "metrics_every_steps", "keep_checkpoints"):
         if config[name] < 1:
             raise ValueError(f"config.{name} must be >= 1, got {config[name]}")

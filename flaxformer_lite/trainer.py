@@ -30,7 +30,7 @@ import ml_collections
 import numpy as np
 
 from flaxformer_lite import config as config_lib
-from flaxformer_lite import sharding, training
+from flaxformer_lite import evaluation, sharding, training
 from flaxformer_lite.checkpointing import Checkpointer
 from flaxformer_lite.data import datasets, pipeline
 from flaxformer_lite.data import tokenizer as tokenizer_lib
@@ -70,6 +70,59 @@ def load_run_config(workdir: str) -> ml_collections.ConfigDict:
         raise FileNotFoundError(f"{path} not found: is {workdir} the workdir of a training run?")
     with open(path) as f:
         return config_lib.from_json(f.read())
+
+
+@dataclasses.dataclass
+class RestoredRun:
+    """A trained run, ready to translate: its config, data, model and the chosen parameters."""
+
+    config: ml_collections.ConfigDict
+    data: RunData
+    model: Transformer
+    params: Any
+    label: str  # Which checkpoint: "1500", "best-1200" or "avg5-1500" (averaged steps, newest last).
+
+
+def restore_run(workdir: str, checkpoint: str = "latest", average_last: int = 0,
+                data_dir: str | None = None) -> RestoredRun:
+    """Loads a run's saved config, vocabulary and parameters (``checkpoint``: latest, best or a step).
+
+    ``average_last=K`` averages the parameters of the K most recent checkpoints up to the chosen one, as
+    the paper does (5 for base, 20 for big). Parameters land on one device: decoding here is per sentence
+    batch and small enough; the decoding functions themselves also run sharded under ``jax.jit``.
+    """
+    config = load_run_config(workdir)
+    if data_dir:
+        config.data_dir = data_dir
+    data = prepare_data(config, workdir)
+    model = Transformer(data.model_config)
+    mesh = sharding.create_mesh((1, 1, 1), jax.devices()[:1])
+    abstract = training.abstract_params(model, mesh)
+    with Checkpointer(os.path.join(workdir, "checkpoints"), save_interval_steps=1, max_to_keep=None) as ckpt:
+        steps = ckpt.all_steps()
+        if not steps:
+            raise FileNotFoundError(f"no checkpoints in {workdir}/checkpoints")
+        if checkpoint == "latest":
+            step, prefix = steps[-1], ""
+        elif checkpoint == "best":
+            step, prefix = ckpt.best_step(), "best-"
+            if step is None:
+                raise ValueError(f"{workdir} has no best checkpoint (the run tracked no metric)")
+        else:
+            if not checkpoint.isdigit() or int(checkpoint) not in steps:
+                raise ValueError(f"--checkpoint={checkpoint}: expected latest, best or one of {steps}")
+            step, prefix = int(checkpoint), ""
+        if average_last > 1:
+            chosen = [s for s in steps if s <= step][-average_last:]
+            if len(chosen) < average_last:
+                logging.warning("only %d checkpoints up to step %d to average (asked for %d): %s", len(chosen),
+                                step, average_last, chosen)
+            params = ckpt.restore_params_average(abstract, chosen)
+            label = f"{prefix}avg{len(chosen)}-{step}"
+        else:
+            params = ckpt.restore_params(abstract, step=step)
+            label = f"{prefix}{ckpt.last_restored_step}"
+    return RestoredRun(config, data, model, params, label)
 
 
 class MetricsWriter:
@@ -137,6 +190,24 @@ def evaluate_loss(evaluate, params, eval_data: pipeline.EvalData, mesh, max_batc
     return training.summarize(jax.device_get(totals))
 
 
+def _evaluate(config, eval_step, decode_fn, params, eval_data, data: RunData, mesh, step: int) -> dict:
+    """Validation loss/accuracy on the eval split and, if configured, translation metrics on its start."""
+    metrics = evaluate_loss(eval_step, params, eval_data, mesh, config.eval_max_batches)
+    logging.info("step %d eval (%s): loss %.4f  acc %.4f  ppl %.2f", step, config.eval_split, metrics["loss"],
+                 metrics["accuracy"], metrics["perplexity"])
+    if decode_fn is not None:
+        scores, rows = evaluation.evaluate_translations(
+            decode_fn, params, eval_data, data.targets_tokenizer, config.dataset.target_lang,
+            max_examples=config.decode_eval_examples)
+        logging.info("step %d eval (%s, first %d, %s): BLEU %.2f  chrF %.2f  exact match %.2f%%  (%.1f s)", step,
+                     config.eval_split, scores["num_examples"], config.decode_eval_method, scores["bleu"],
+                     scores["chrf"], scores["exact_match"], scores["decode_seconds"])
+        for source, reference, hypothesis in rows[: config.num_logged_translations]:
+            logging.info("  src: %s | ref: %s | hyp: %s", source, reference, hypothesis)
+        metrics.update({k: scores[k] for k in ("bleu", "chrf", "exact_match", "decode_seconds")})
+    return {f"eval/{k}": v for k, v in metrics.items()}
+
+
 def _check_batch(config: ml_collections.ConfigDict, mesh) -> None:
     global_batch = config.data.batch_size * jax.process_count()
     if global_batch % sharding.data_parallel_size(mesh):
@@ -172,9 +243,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                         pipeline_cfg)
     batches: Iterator = iter(train_data)
 
+    decode_fn = None
+    if config.decode_eval_examples:
+        decode_fn = evaluation.make_decode_fn(model, evaluation.DecodeConfig(method=config.decode_eval_method))
+
     checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"),
                                 save_interval_steps=config.checkpoint_every_steps,
-                                max_to_keep=config.keep_checkpoints, async_save=config.async_checkpoints)
+                                max_to_keep=config.keep_checkpoints, async_save=config.async_checkpoints,
+                                best_metric=config.checkpoint_best_metric or None)
     if checkpointer.latest_step() is not None:
         state, data_state, start_step = checkpointer.restore(abstract_state)
         if data_state:
@@ -201,15 +277,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 last_metrics = progress.log(step)
                 writer.write(step, last_metrics)
             with progress.paused():  # Evaluation and checkpointing don't count against training speed.
+                eval_metrics = {}
                 if step % config.eval_every_steps == 0 or is_last:
-                    eval_metrics = evaluate_loss(eval_step, state.params, eval_data, mesh, config.eval_max_batches)
-                    logging.info("step %d eval (%s): loss %.4f  acc %.4f  ppl %.2f", step, config.eval_split,
-                                 eval_metrics["loss"], eval_metrics["accuracy"], eval_metrics["perplexity"])
-                    eval_metrics = {f"eval/{k}": v for k, v in eval_metrics.items()}
+                    eval_metrics = _evaluate(config, eval_step, decode_fn, state.params, eval_data, data, mesh,
+                                             step)
                     writer.write(step, eval_metrics)
                     last_metrics.update(eval_metrics)
                 if checkpointer.should_save(step) or is_last:
-                    checkpointer.save(step, state, data_state=batches.get_state(), force=True)
+                    checkpointer.save(step, state, data_state=batches.get_state(), force=True,
+                                      metrics=eval_metrics or None)
         if preemption.requested and step > start_step:
             checkpointer.save(step, state, data_state=batches.get_state(), force=True)
             logging.warning("Preempted: saved step %d; rerun the same command to resume.", step)

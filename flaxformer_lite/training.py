@@ -228,6 +228,15 @@ def _init_state(rng: jax.Array, batch_shape: tuple[int, int], *, model: Transfor
                       rng=state_rng)
 
 
+def abstract_params(model: Transformer, mesh: Mesh, batch_shape: tuple[int, int] = (1, 8)) -> Any:
+    """The parameter tree as ``jax.ShapeDtypeStruct`` leaves placed on ``mesh`` by the logical axis rules."""
+    dummy = jax.ShapeDtypeStruct(batch_shape, jnp.int32)
+    boxed = jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x, x)["params"], dummy)
+    shardings = sharding.logical_shardings(boxed, mesh)
+    return jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                  nn.unbox(boxed), shardings)
+
+
 def state_shardings(model: Transformer, optimizer: optax.GradientTransformation, mesh: Mesh,
                     batch_shape: tuple[int, int] = (1, 8)) -> tuple[TrainState, TrainState]:
     """(abstract state, NamedShardings) for a TrainState, placed by the logical axis rules.
@@ -237,10 +246,7 @@ def state_shardings(model: Transformer, optimizer: optax.GradientTransformation,
     """
     init = functools.partial(_init_state, batch_shape=batch_shape, model=model, optimizer=optimizer)
     abstract = jax.eval_shape(init, jax.random.PRNGKey(0))
-    boxed_params = jax.eval_shape(
-        lambda: model.init(jax.random.PRNGKey(0), jnp.ones(batch_shape, jnp.int32),
-                           jnp.ones(batch_shape, jnp.int32))["params"])
-    param_shardings = sharding.logical_shardings(boxed_params, mesh)
+    param_shardings = jax.tree_util.tree_map(lambda p: p.sharding, abstract_params(model, mesh, batch_shape))
     # Optimizer moments mirror the parameters and take their shardings; counters and factored statistics
     # (Adafactor's row/column second moments, whose shapes differ from the parameter's) are replicated.
     replicated = sharding.replicated(mesh)

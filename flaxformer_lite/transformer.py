@@ -163,20 +163,32 @@ class EncoderLayer(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    """Masked self-attention, encoder-decoder attention, then feed-forward, each as a residual sub-layer."""
+    """Masked self-attention, encoder-decoder attention, then feed-forward, each as a residual sub-layer.
+
+    With ``decode=True`` the self-attention appends one position per call to its cache, and the
+    encoder-decoder attention keeps the keys/values projected from ``encoded`` in the cache (``static_kv``):
+    a call with ``y=None`` only stores them (priming), a step with ``encoded=None`` reads them back.
+    """
 
     config: TransformerConfig
 
     @nn.compact
-    def __call__(self, y: jax.Array, encoded: jax.Array, self_mask: jax.Array | None,
-                 cross_mask: jax.Array | None, *, deterministic: bool = True, decode: bool = False) -> jax.Array:
+    def __call__(self, y: jax.Array | None, encoded: jax.Array | None, self_mask: jax.Array | None,
+                 cross_mask: jax.Array | None, *, deterministic: bool = True,
+                 decode: bool = False) -> jax.Array | None:
         cfg = self.config
+        if y is None:  # Priming: project the encoder output into the cross-attention cache, nothing else.
+            if not decode or encoded is None:
+                raise ValueError("y=None (priming the cache) needs decode=True and the encoder output")
+            _attention(cfg, "cross_attention")(None, encoded, decode=True, static_kv=True)
+            return None
         self_attention = _attention(cfg, "self_attention")
         y = _residual(cfg, y, lambda h: self_attention(h, h, self_mask, deterministic=deterministic,
                                                        decode=decode),
                       "self_attention_norm", deterministic=deterministic)
         cross_attention = _attention(cfg, "cross_attention")
-        y = _residual(cfg, y, lambda h: cross_attention(h, encoded, cross_mask, deterministic=deterministic),
+        y = _residual(cfg, y, lambda h: cross_attention(h, encoded, cross_mask, deterministic=deterministic,
+                                                        decode=decode, static_kv=True),
                       "cross_attention_norm", deterministic=deterministic)
         ffn = _feed_forward(cfg)
         return _residual(cfg, y, lambda h: ffn(h, deterministic=deterministic), "ffn_norm",
@@ -233,11 +245,19 @@ class Decoder(nn.Module):
     embed: Embed
 
     @nn.compact
-    def __call__(self, encoded: jax.Array, inputs: jax.Array, decoder_inputs: jax.Array, *,
+    def __call__(self, encoded: jax.Array | None, inputs: jax.Array | None, decoder_inputs: jax.Array | None, *,
                  targets: jax.Array | None = None, targets_positions: jax.Array | None = None,
                  inputs_segmentation: jax.Array | None = None, targets_segmentation: jax.Array | None = None,
-                 deterministic: bool = True, decode: bool = False) -> jax.Array:
+                 deterministic: bool = True, decode: bool = False) -> jax.Array | None:
+        """Logits for ``decoder_inputs``; in decode mode, ``decoder_inputs=None`` only primes the cache with
+        the encoder-decoder attention keys/values of ``encoded`` (see ``Transformer.prime_cache``)."""
         cfg = self.config
+        if encoded is None and not decode:
+            raise ValueError("encoded=None is only allowed with decode=True (cross-attention cache filled)")
+        if decoder_inputs is None:
+            for i in range(cfg.num_decoder_layers):
+                DecoderLayer(cfg, name=f"layer_{i}")(None, encoded, None, None, decode=decode)
+            return None
         if decode:
             # One new position per call; the position counter lives in the cache next to the keys/values.
             initialized = self.has_variable("cache", "position_index")
@@ -299,14 +319,17 @@ class Transformer(nn.Module):
         return self.encoder(inputs, inputs_positions=inputs_positions, inputs_segmentation=inputs_segmentation,
                             deterministic=deterministic)
 
-    def decode(self, encoded: jax.Array, inputs: jax.Array, targets: jax.Array, *,
+    def decode(self, encoded: jax.Array | None, inputs: jax.Array, targets: jax.Array, *,
                targets_positions: jax.Array | None = None, inputs_segmentation: jax.Array | None = None,
                targets_segmentation: jax.Array | None = None, deterministic: bool = True,
                decode: bool = False) -> jax.Array:
         """Float32 logits ``[b, t, vocab]`` predicting ``targets`` (shifted right inside).
 
         With ``decode=True``, ``targets`` are the decoder inputs of one step (``[b, 1]``, not shifted) and
-        the ``cache`` collection must be mutable; see ``MultiHeadAttention``.
+        the ``cache`` collection must be mutable; see ``MultiHeadAttention``. The encoder-decoder attention
+        keeps its keys/values in the cache: a step given ``encoded`` projects it and stores them, a step
+        given ``encoded=None`` reuses the stored ones (filled by ``prime_cache`` or by an earlier step), so
+        the encoder output is projected once per sentence. ``inputs`` are still needed for the padding mask.
         """
         if decode:
             decoder_inputs, real = targets, None
@@ -316,6 +339,16 @@ class Transformer(nn.Module):
         return self.decoder(encoded, inputs, decoder_inputs, targets=real, targets_positions=targets_positions,
                             inputs_segmentation=inputs_segmentation, targets_segmentation=targets_segmentation,
                             deterministic=deterministic, decode=decode)
+
+    def prime_cache(self, encoded: jax.Array) -> None:
+        """Stores every decoder layer's encoder-decoder attention keys/values, projected from ``encoded``
+        ``[b, s, d_model]``, in the ``cache`` collection (which must exist, e.g. zeros shaped by ``init``
+        with ``decode=True``, and be mutable). Decoding steps can then pass ``encoded=None``::
+
+            cache = model.apply({'params': params, 'cache': cache}, encoded, method=Transformer.prime_cache,
+                                mutable=['cache'])[1]['cache']
+        """
+        self.decoder(encoded, None, None, decode=True)
 
     def __call__(self, inputs: jax.Array, targets: jax.Array, *, inputs_positions: jax.Array | None = None,
                  targets_positions: jax.Array | None = None, inputs_segmentation: jax.Array | None = None,

@@ -26,4 +26,5 @@ def get_config(split: str = "simple"):
     config.train.total_steps = config.num_train_steps
     config.eval_every_steps = 500
     config.checkpoint_every_steps = 500
+    config.decode_eval_examples = 1000  # Exact match on the first 1000 test commands, greedy.
     return config

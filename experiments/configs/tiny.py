@@ -21,4 +21,6 @@ def get_config():
     config.eval_every_steps = 3
     config.checkpoint_every_steps = 3
     config.async_checkpoints = False
+    config.decode_eval_examples = 16
+    config.checkpoint_best_metric = "eval/exact_match"
     return config

@@ -36,4 +36,6 @@ def get_config(size: str = "base"):
     config.eval_max_batches = 50
     config.checkpoint_every_steps = 5000
     config.keep_checkpoints = 20 if size == "big" else 5  # The paper averages the last 5 (base) / 20 (big).
+    config.decode_eval_examples = 500
+    config.checkpoint_best_metric = "eval/bleu"
     return config

@@ -1,0 +1,82 @@
+"""Translates a split with a trained run and scores it (sacrebleu BLEU and chrF, exact match).
+
+    python experiments/evaluate.py --workdir=workdir/scan --split=test
+    python experiments/evaluate.py --workdir=runs/m30k --split=val --checkpoint=best --average_last=5
+
+Uses the run's own config.json and vocabulary. Writes ``WORKDIR/eval/<split>-<checkpoint>-<decoding>.json``
+(metrics, settings, sacrebleu signatures, example count, decode time) and the hypotheses as ``.txt``, one
+line per source line of the split.
+"""
+
+import json
+import os
+import sys
+
+from absl import app, flags, logging
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # Run from a checkout.
+
+from flaxformer_lite import evaluation, trainer  # noqa: E402
+from flaxformer_lite import config as config_lib  # noqa: E402
+from flaxformer_lite.data import pipeline  # noqa: E402
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory written by experiments/train.py.", required=True)
+_SPLIT = flags.DEFINE_string("split", None, "Split to translate; default: the run's eval_split.")
+_CHECKPOINT = flags.DEFINE_string("checkpoint", "latest", "latest, best, or a step number.")
+_AVERAGE = flags.DEFINE_integer("average_last", 0, "Average the parameters of the last K checkpoints.")
+_METHOD = flags.DEFINE_enum("method", "beam", ["greedy", "beam", "sample"], "Decoding method.")
+_BEAM = flags.DEFINE_integer("beam_size", 4, "Beam size (paper: 4).")
+_ALPHA = flags.DEFINE_float("alpha", 0.6, "Length penalty exponent (paper: 0.6).")
+_TEMPERATURE = flags.DEFINE_float("temperature", 1.0, "Sampling temperature.")
+_TOP_K = flags.DEFINE_integer("top_k", 0, "Sample among the k most likely tokens (0: all).")
+_TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus sampling threshold (1: off).")
+_MAX_EXAMPLES = flags.DEFINE_integer("max_examples", 0, "Translate only the first N examples (0: all).")
+_BATCH = flags.DEFINE_integer("batch_size", 0, "Sentences per decoding batch (0: the run's data.batch_size).")
+_DATA_DIR = flags.DEFINE_string("data_dir", None, "tfds data directory, if not the run's.")
+
+
+def decoding_label(cfg: evaluation.DecodeConfig) -> str:
+    if cfg.method == "beam":
+        return f"beam{cfg.beam_size}-a{cfg.alpha:g}"
+    if cfg.method == "sample":
+        return f"sample-t{cfg.temperature:g}-k{cfg.top_k}-p{cfg.top_p:g}-s{cfg.seed}"
+    return "greedy"
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    decode_cfg = evaluation.DecodeConfig(method=_METHOD.value, beam_size=_BEAM.value, alpha=_ALPHA.value,
+                                         temperature=_TEMPERATURE.value, top_k=_TOP_K.value, top_p=_TOP_P.value)
+    run = trainer.restore_run(_WORKDIR.value, _CHECKPOINT.value, _AVERAGE.value, _DATA_DIR.value)
+    split = _SPLIT.value or run.config.eval_split
+    data_cfg = config_lib.build("data", run.config)
+    if _BATCH.value:
+        data_cfg = data_cfg.__class__(**{**data_cfg.__dict__, "batch_size": _BATCH.value})
+    source = trainer.datasets.load_split(config_lib.build("dataset", run.config), split, run.config.data_dir)
+    eval_data = pipeline.make_eval_data(source, run.data.inputs_tokenizer, run.data.targets_tokenizer, data_cfg)
+    logging.info("Translating %s (%d examples) with checkpoint %s, %s", split, len(source), run.label,
+                 decoding_label(decode_cfg))
+    decode_fn = evaluation.make_decode_fn(run.model, decode_cfg)
+    metrics, rows = evaluation.evaluate_translations(
+        decode_fn, run.params, eval_data, run.data.targets_tokenizer, run.config.dataset.target_lang,
+        max_examples=_MAX_EXAMPLES.value)
+    out_dir = os.path.join(_WORKDIR.value, "eval")
+    os.makedirs(out_dir, exist_ok=True)
+    stem = os.path.join(out_dir, f"{split}-{run.label}-{decoding_label(decode_cfg)}")
+    words = sum(len(h.split()) for _, _, h in rows)
+    report = {"split": split, "checkpoint": run.label, "settings": vars(decode_cfg) | {"batch_size":
+              data_cfg.batch_size}, **metrics, "hypothesis_words_per_sec": words / metrics["decode_seconds"]}
+    with open(stem + ".txt", "w", encoding="utf-8") as f:
+        f.writelines(h.replace("\n", " ") + "\n" for _, _, h in rows)
+    with open(stem + ".json", "w", encoding="utf-8") as f:
+        json.dump(report, f, indent=2, ensure_ascii=False)
+    for source_text, reference, hypothesis in rows[:3]:
+        logging.info("src: %s | ref: %s | hyp: %s", source_text, reference, hypothesis)
+    print(f"{split} {run.label} {decoding_label(decode_cfg)}: BLEU {metrics['bleu']:.2f}  chrF {metrics['chrf']:.2f}"
+          f"  exact {metrics['exact_match']:.2f}%  ({metrics['num_examples']} examples, "
+          f"{metrics['decode_seconds']:.1f} s)  -> {stem}.json")
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,377 @@
+"""Autoregressive decoding: greedy search, beam search with the GNMT length penalty, and sampling.
+
+Two layers:
+
+* Generic cores, :func:`greedy`, :func:`beam_search` and :func:`sample`, that work on any step function
+  ``logits_fn(token_ids [n, 1], cache) -> (logits [n, V], new_cache)``: a Transformer decoder, or a toy
+  table in the tests. Each runs the whole search inside one ``lax.while_loop``, so it can be jitted (with
+  shardings: every array is batch-leading and only plain ``jnp``/``lax`` ops are used, no host callbacks).
+* :func:`decode_batch`, the model-facing wrapper: it encodes the sources once, builds the cache (with the
+  encoder-decoder attention keys/values projected once per sentence), tiles it for the beams, and calls a
+  core.
+
+Conventions (token ids: 0 = pad, which is also the decoder start token, 1 = EOS):
+
+* Outputs have a static width ``max_decode_length`` (``L``). Row ``i`` emits at most ``max_lengths[i]``
+  tokens; :func:`decode_batch` uses the number of non-pad source tokens + ``extra_length`` (50), capped at
+  ``L``, which defaults to the padded source width + ``extra_length``.
+* The emitted tokens exclude the start token and include the EOS when there is one; every position after
+  the EOS (or after ``max_lengths[i]`` tokens, when the limit cuts a hypothesis that never emitted EOS)
+  holds ``pad_id``. ``Decoded.lengths`` counts the emitted tokens, EOS included (no token is forbidden:
+  a model that emits ``pad_id`` itself gets it back, and ``lengths`` tells it from the padding).
+* A row stops as soon as it is finished; the loop stops when every row is, or after ``L`` steps. Finished
+  rows keep their result while the others go on, so each sentence decodes exactly as it would alone.
+
+The cache is any pytree whose leaves are batch-leading arrays (``[n, ...]``) or scalars (step counters);
+beam search gathers the former along axis 0 when beams are reordered. For the Transformer,
+:func:`init_cache` primes it with the encoder-decoder attention keys/values once per sentence (before beams
+are tiled), and the steps pass ``encoded=None``, so no step projects the encoder output again (see
+``MultiHeadAttention``, ``static_kv``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from flaxformer_lite.transformer import Transformer
+
+LogitsFn = Callable[[jax.Array, Any], tuple[jax.Array, Any]]
+
+NEG_INF = -jnp.inf
+
+
+class Decoded(NamedTuple):
+    """Result of a decoding core, one entry per batch row (per sentence)."""
+
+    tokens: jax.Array  # [b, L] int32: emitted tokens (EOS included), pad_id afterwards.
+    lengths: jax.Array  # [b] int32: number of emitted tokens, EOS included.
+    log_probs: jax.Array  # [b] float32: sum of the model's log-probabilities (log_softmax of raw logits).
+    scores: jax.Array  # [b] float32: what the search ranks: log_probs / length_penalty for beam search,
+    #                     log_probs for greedy search and sampling.
+
+
+def length_penalty(length: jax.Array | int, alpha: float) -> jax.Array:
+    """GNMT length penalty (Wu et al., 2016): ``((5 + length) / 6) ** alpha``; a hypothesis scores
+    ``log P(Y) / length_penalty(|Y|)``. ``alpha = 0`` ranks by log-probability alone."""
+    return ((5.0 + jnp.asarray(length, jnp.float32)) / 6.0) ** alpha
+
+
+def tile_beams(tree: Any, beam_size: int) -> Any:
+    """Repeats every batch-leading leaf ``beam_size`` times along axis 0: row ``i`` becomes rows
+    ``i * beam_size ... i * beam_size + beam_size - 1`` (the layout :func:`beam_search` expects).
+    Scalar leaves (step counters) are left alone."""
+    return jax.tree_util.tree_map(lambda x: jnp.repeat(x, beam_size, axis=0) if jnp.ndim(x) else x, tree)
+
+
+def _gather_rows(tree: Any, rows: jax.Array) -> Any:
+    """``leaf[rows]`` along axis 0 for every batch-leading leaf of a cache; scalars are left alone."""
+    n = rows.shape[0]
+
+    def gather(x):
+        if not jnp.ndim(x):
+            return x
+        if x.shape[0] != n:
+            raise ValueError(f"cache leaf of shape {x.shape} is not batch-leading with {n} rows "
+                             "(did you tile the cache for the beams with tile_beams?)")
+        return jnp.take(x, rows, axis=0)
+
+    return jax.tree_util.tree_map(gather, tree)
+
+
+def _limits(max_lengths: jax.Array, max_decode_length: int) -> jax.Array:
+    if max_decode_length < 1:
+        raise ValueError(f"max_decode_length must be positive, got {max_decode_length}")
+    max_lengths = jnp.asarray(max_lengths, jnp.int32)
+    if max_lengths.ndim != 1:
+        raise ValueError(f"max_lengths must have shape [batch], got {max_lengths.shape}")
+    return jnp.clip(max_lengths, 0, max_decode_length)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Greedy search and sampling: one token per row and step.
+# ---------------------------------------------------------------------------------------------------------
+def _one_token_per_step(logits_fn: LogitsFn, cache: Any, max_lengths: jax.Array, max_decode_length: int,
+                        choose: Callable[[jax.Array, jax.Array], jax.Array], *, start_id: int, eos_id: int,
+                        pad_id: int) -> Decoded:
+    """The loop shared by greedy search and sampling; ``choose(logits [b, V], step) -> tokens [b]``."""
+    max_lengths = _limits(max_lengths, max_decode_length)
+    batch = max_lengths.shape[0]
+    state = dict(
+        step=jnp.zeros((), jnp.int32),
+        tokens=jnp.full((batch, max_decode_length), pad_id, jnp.int32),
+        last=jnp.full((batch,), start_id, jnp.int32),
+        done=max_lengths <= 0,
+        lengths=jnp.zeros((batch,), jnp.int32),
+        log_probs=jnp.zeros((batch,), jnp.float32),
+        cache=cache,
+    )
+
+    def advance(state):
+        step, done = state["step"], state["done"]
+        logits, cache = logits_fn(state["last"][:, None], state["cache"])
+        logits = logits.reshape(batch, -1).astype(jnp.float32)
+        token = choose(logits, step).astype(jnp.int32)
+        log_prob = jnp.take_along_axis(jax.nn.log_softmax(logits), token[:, None], axis=-1)[:, 0]
+        token = jnp.where(done, pad_id, token)
+        return dict(
+            step=step + 1,
+            tokens=jax.lax.dynamic_update_slice(state["tokens"], token[:, None], (0, step)),
+            last=token,
+            done=done | (token == eos_id) | (step + 1 >= max_lengths),
+            lengths=state["lengths"] + (~done).astype(jnp.int32),
+            log_probs=state["log_probs"] + jnp.where(done, 0.0, log_prob),
+            cache=cache,
+        )
+
+    state = jax.lax.while_loop(lambda s: (s["step"] < max_decode_length) & ~jnp.all(s["done"]), advance,
+                               state)
+    return Decoded(state["tokens"], state["lengths"], state["log_probs"], state["log_probs"])
+
+
+def greedy(logits_fn: LogitsFn, cache: Any, max_lengths: jax.Array, max_decode_length: int, *,
+           start_id: int = 0, eos_id: int = 1, pad_id: int = 0) -> Decoded:
+    """Greedy search: at each step every row takes its most probable token (the lowest id on a tie).
+
+    ``cache`` is the initial cache for ``b = len(max_lengths)`` rows; ``max_lengths [b]`` bounds each row's
+    output; ``max_decode_length`` is the static output width. See the module docstring for conventions.
+    """
+    return _one_token_per_step(logits_fn, cache, max_lengths, max_decode_length,
+                               lambda logits, step: jnp.argmax(logits, axis=-1), start_id=start_id,
+                               eos_id=eos_id, pad_id=pad_id)
+
+
+def filter_logits(logits: jax.Array, *, temperature: float = 1.0, top_k: int = 0,
+                  top_p: float = 1.0) -> tuple[jax.Array, jax.Array | None]:
+    """Logits ``[b, V]`` of the sampling distribution: divided by ``temperature``, then restricted to the
+    ``top_k`` most probable tokens (0: no limit), then to the nucleus: the smallest set of most probable
+    tokens whose probability (renormalized after top-k) reaches ``top_p`` (1.0: no limit).
+
+    Returns ``(filtered, token_ids)``: when a restriction applies, ``filtered`` is ``[b, K]`` over the
+    tokens ``token_ids [b, K]`` (sorted, most probable first; excluded ones at ``-inf``); otherwise it is
+    the tempered ``[b, V]`` logits and ``token_ids`` is ``None``.
+    """
+    logits = logits.astype(jnp.float32) / temperature
+    if top_k <= 0 and top_p >= 1.0:
+        return logits, None
+    k = logits.shape[-1] if top_k <= 0 else min(top_k, logits.shape[-1])
+    values, ids = jax.lax.top_k(logits, k)
+    if top_p < 1.0:
+        probs = jax.nn.softmax(values, axis=-1)
+        mass_before = jnp.cumsum(probs, axis=-1) - probs  # Probability of the strictly more probable tokens.
+        values = jnp.where(mass_before < top_p, values, NEG_INF)  # The most probable token always stays.
+    return values, ids
+
+
+def sample(logits_fn: LogitsFn, cache: Any, max_lengths: jax.Array, max_decode_length: int,
+           rng: jax.Array, *, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+           start_id: int = 0, eos_id: int = 1, pad_id: int = 0) -> Decoded:
+    """Ancestral sampling from the model, with temperature, top-k and top-p (see :func:`filter_logits`).
+
+    ``temperature=0`` (a Python number) is greedy search. Step ``t`` draws with ``fold_in(rng, t)``, so a
+    fixed ``rng`` reproduces the samples. ``log_probs`` are under the model (raw logits), not under the
+    filtered distribution.
+    """
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+
+    def choose(logits, step):
+        if temperature == 0:
+            return jnp.argmax(logits, axis=-1)
+        filtered, ids = filter_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p)
+        choice = jax.random.categorical(jax.random.fold_in(rng, step), filtered, axis=-1)
+        return choice if ids is None else jnp.take_along_axis(ids, choice[:, None], axis=-1)[:, 0]
+
+    return _one_token_per_step(logits_fn, cache, max_lengths, max_decode_length, choose, start_id=start_id,
+                               eos_id=eos_id, pad_id=pad_id)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Beam search.
+# ---------------------------------------------------------------------------------------------------------
+def beam_search(logits_fn: LogitsFn, cache: Any, max_lengths: jax.Array, max_decode_length: int, *,
+                beam_size: int = 4, alpha: float = 0.6, start_id: int = 0, eos_id: int = 1,
+                pad_id: int = 0) -> Decoded:
+    """Beam search with a separate set of finished hypotheses and the GNMT length penalty.
+
+    ``max_lengths [b]`` bounds each sentence; ``cache`` is for ``b * beam_size`` rows, sentence-major (tile a
+    per-sentence cache with :func:`tile_beams`); ``logits_fn`` gets ``[b * beam_size, 1]`` tokens. Returns
+    the best finished hypothesis of every sentence.
+
+    Each sentence keeps ``k = beam_size`` alive hypotheses (log-probability ``log P``) and up to ``k``
+    finished ones, scored ``log P / length_penalty(length, alpha)`` with the length counting the EOS.
+    At every step, among all extensions of the alive hypotheses:
+
+    * the ``k`` best by ``log P`` form the beam; those that end in EOS move to the finished set (they are
+      scored with their length penalty, and the set keeps the ``k`` best scores). When a sentence reaches
+      its ``max_lengths`` limit, all ``k`` become finished (cut without EOS).
+    * the alive set is refilled with the ``k`` best extensions that do not end in EOS, which continue.
+
+    With ``beam_size=1`` and ``alpha=0`` this is exactly greedy search.
+
+    Early stopping: a sentence is done when no alive hypothesis can still beat the worst of its ``k``
+    finished ones (``-inf`` while fewer than ``k`` are finished): since ``log P`` only falls as a
+    hypothesis grows, the best an alive one can reach is ``log P / max(lp(length + 1), lp(limit))``. Done
+    sentences keep their finished set; the loop ends when every sentence is done.
+    """
+    k = beam_size
+    if k < 1:
+        raise ValueError(f"beam_size must be positive, got {k}")
+    max_lengths = _limits(max_lengths, max_decode_length)
+    batch, width = max_lengths.shape[0], max_decode_length
+    sentence = jnp.arange(batch)[:, None]
+    neg = jnp.full((batch, k), NEG_INF, jnp.float32)
+    state = dict(
+        step=jnp.zeros((), jnp.int32),
+        # Alive hypotheses: all k start from the start token, but only the first one counts at step 0.
+        alive_seqs=jnp.full((batch, k, width), pad_id, jnp.int32),
+        alive_last=jnp.full((batch, k), start_id, jnp.int32),
+        alive_log_probs=neg.at[:, 0].set(0.0),
+        finished_seqs=jnp.full((batch, k, width), pad_id, jnp.int32),
+        finished_scores=neg,
+        finished_log_probs=neg,
+        finished_lengths=jnp.zeros((batch, k), jnp.int32),
+        done=max_lengths <= 0,
+        cache=cache,
+    )
+
+    def advance(state):
+        step, done = state["step"], state["done"]
+        length = step + 1  # Length of every extension made at this step.
+        logits, cache = logits_fn(state["alive_last"].reshape(batch * k, 1), state["cache"])
+        vocab = logits.shape[-1]
+        log_probs = jax.nn.log_softmax(logits.reshape(batch, k, vocab).astype(jnp.float32))
+        extensions = state["alive_log_probs"][:, :, None] + log_probs  # [b, k, V]
+        at_limit = (length >= max_lengths)[:, None]  # [b, 1]
+
+        def extend(flat_ids):  # Sequences of the extensions with flat ids (beam * V + token) [b, k].
+            beams, tokens = flat_ids // vocab, flat_ids % vocab
+            seqs = jax.lax.dynamic_update_slice(state["alive_seqs"][sentence, beams], tokens[:, :, None],
+                                                (0, 0, step))
+            return beams, tokens, seqs
+
+        # 1. The beam: the k best extensions. Those ending in EOS, or all of them at the limit, finish.
+        top_log_probs, top_ids = jax.lax.top_k(extensions.reshape(batch, k * vocab), k)
+        _, top_tokens, top_seqs = extend(top_ids)
+        finishing = (top_tokens == eos_id) | at_limit
+        new_scores = jnp.where(finishing, top_log_probs / length_penalty(length, alpha), NEG_INF)
+        scores = jnp.concatenate([state["finished_scores"], new_scores], axis=1)  # [b, 2k]
+        finished_scores, keep = jax.lax.top_k(scores, k)
+        pick = lambda old, new: jnp.concatenate([old, new], axis=1)[sentence, keep]  # noqa: E731
+        frozen = lambda old, new: jnp.where(  # noqa: E731  (done sentences keep their finished set)
+            done.reshape((batch,) + (1,) * (old.ndim - 1)), old, new)
+        finished = dict(
+            finished_scores=frozen(state["finished_scores"], finished_scores),
+            finished_seqs=frozen(state["finished_seqs"], pick(state["finished_seqs"], top_seqs)),
+            finished_log_probs=frozen(state["finished_log_probs"],
+                                      pick(state["finished_log_probs"], top_log_probs)),
+            finished_lengths=frozen(state["finished_lengths"],
+                                    pick(state["finished_lengths"], jnp.full((batch, k), length))),
+        )
+
+        # 2. The alive set: the k best extensions that do not end in EOS (none once the limit is reached).
+        alive_log_probs, alive_ids = jax.lax.top_k(
+            extensions.at[:, :, eos_id].set(NEG_INF).reshape(batch, k * vocab), k)
+        alive_beams, alive_tokens, alive_seqs = extend(alive_ids)
+        alive_log_probs = jnp.where(at_limit | done[:, None], NEG_INF, alive_log_probs)
+        cache = _gather_rows(cache, (sentence * k + alive_beams).reshape(-1))
+
+        # 3. Early stopping: can the best alive hypothesis still beat the worst finished one?
+        best_reachable = alive_log_probs[:, 0] / jnp.maximum(length_penalty(length + 1, alpha),
+                                                             length_penalty(max_lengths, alpha))
+        done = done | (best_reachable <= finished["finished_scores"][:, -1]) | (length >= max_lengths)
+        return dict(step=length, alive_seqs=alive_seqs, alive_last=alive_tokens,
+                    alive_log_probs=jnp.where(done[:, None], NEG_INF, alive_log_probs), done=done,
+                    cache=cache, **finished)
+
+    state = jax.lax.while_loop(lambda s: (s["step"] < width) & ~jnp.all(s["done"]), advance, state)
+    return Decoded(state["finished_seqs"][:, 0], state["finished_lengths"][:, 0],
+                   state["finished_log_probs"][:, 0], state["finished_scores"][:, 0])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The model-facing wrapper.
+# ---------------------------------------------------------------------------------------------------------
+def init_cache(model: Transformer, variables: Any, encoded: jax.Array, max_decode_length: int) -> Any:
+    """The decoding cache of ``model`` for ``encoded.shape[0]`` rows and up to ``max_decode_length`` steps.
+
+    Self-attention keys/values and counters start at zero (shapes from ``jax.eval_shape`` of ``init``,
+    nothing computed); the encoder-decoder attention keys/values are projected from ``encoded`` here,
+    once (``Transformer.prime_cache``), so decoding steps pass ``encoded=None``.
+    """
+    rows, source_length = encoded.shape[:2]
+
+    def make():
+        inputs = jnp.ones((rows, source_length), jnp.int32)
+        targets = jnp.zeros((rows, max_decode_length), jnp.int32)
+        return model.init(jax.random.key(0), encoded, inputs, targets, decode=True,
+                          method=Transformer.decode)["cache"]
+
+    shapes = jax.eval_shape(make)
+    cache = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+    _, mutated = model.apply({**variables, "cache": cache}, encoded, method=Transformer.prime_cache,
+                             mutable=["cache"])
+    return mutated["cache"]
+
+
+def source_limits(inputs: jax.Array, *, pad_id: int = 0, extra_length: int = 50,
+                  max_decode_length: int | None = None) -> tuple[jax.Array, int]:
+    """``(max_lengths [b], max_decode_length)``: each sentence may emit its non-pad source length +
+    ``extra_length`` tokens, within a static width of ``inputs.shape[1] + extra_length`` unless given."""
+    width = inputs.shape[1] + extra_length if max_decode_length is None else max_decode_length
+    source_lengths = jnp.sum(inputs != pad_id, axis=1, dtype=jnp.int32)
+    return jnp.minimum(source_lengths + extra_length, width), width
+
+
+def decode_batch(model: Transformer, variables: Any, inputs: jax.Array, *, method: str = "greedy",
+                 beam_size: int = 4, alpha: float = 0.6, temperature: float = 1.0, top_k: int = 0,
+                 top_p: float = 1.0, rng: jax.Array | None = None, max_decode_length: int | None = None,
+                 extra_length: int = 50, eos_id: int = 1) -> Decoded:
+    """Translates a batch of padded sources ``inputs [b, s]`` with a :class:`Transformer`.
+
+    ``variables`` is ``{'params': ...}`` (or the params themselves). ``method`` is ``'greedy'``, ``'beam'``
+    (``beam_size``, ``alpha``; the paper uses 4 and 0.6) or ``'sample'`` (``rng``, ``temperature``,
+    ``top_k``, ``top_p``). Sentence ``i`` emits at most (its non-pad length + ``extra_length``) tokens;
+    the output width is ``max_decode_length``, by default ``s + extra_length``. Returns
+    :class:`Decoded` with ``tokens [b, max_decode_length]``.
+
+    Jit it by closing over the static arguments, e.g.
+    ``jax.jit(lambda v, x: decode_batch(model, v, x, method='beam'))``, with shardings if wanted.
+    """
+    if method not in ("greedy", "beam", "sample"):
+        raise ValueError(f"method must be 'greedy', 'beam' or 'sample', got {method!r}")
+    if method == "sample" and rng is None:
+        raise ValueError("method='sample' needs an rng")
+    cfg = model.config
+    if "params" not in variables:
+        variables = {"params": variables}
+    variables = {name: value for name, value in variables.items() if name != "cache"}
+    inputs = jnp.asarray(inputs, jnp.int32)
+    max_lengths, width = source_limits(inputs, pad_id=cfg.pad_id, extra_length=extra_length,
+                                       max_decode_length=max_decode_length)
+    if cfg.position_embedding == "learned" and width > cfg.max_length:
+        raise ValueError(f"max_decode_length={width} exceeds the learned position table "
+                         f"(max_length={cfg.max_length})")
+
+    encoded = model.apply(variables, inputs, method=Transformer.encode)
+    cache = init_cache(model, variables, encoded, width)  # Cross-attention keys/values: once per sentence.
+    if method == "beam":
+        cache, inputs = tile_beams((cache, inputs), beam_size)
+
+    def logits_fn(tokens, cache):
+        logits, mutated = model.apply({**variables, "cache": cache}, None, inputs, tokens, decode=True,
+                                      mutable=["cache"], method=Transformer.decode)
+        return logits[:, -1], mutated["cache"]
+
+    common = dict(start_id=cfg.decoder_start_id, eos_id=eos_id, pad_id=cfg.pad_id)
+    if method == "greedy":
+        return greedy(logits_fn, cache, max_lengths, width, **common)
+    if method == "beam":
+        return beam_search(logits_fn, cache, max_lengths, width, beam_size=beam_size, alpha=alpha, **common)
+    return sample(logits_fn, cache, max_lengths, width, rng, temperature=temperature, top_k=top_k,
+                  top_p=top_p, **common)

@@ -1,0 +1,362 @@
+"""Decoding: the cross-attention cache, greedy / beam search / sampling on the tiny model and on toy chains."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from flaxformer_lite import Transformer, decoding, preset, shift_right
+
+EXTRA = 6  # Each sentence may emit (source length + EXTRA) tokens: short loops keep the tests fast.
+# Mixed lengths; the first row is the longest and unpadded. Every source ends with EOS (1).
+INPUTS = np.array([[54, 41, 33, 18, 21, 4, 6, 1],
+                   [3, 1, 0, 0, 0, 0, 0, 0],
+                   [12, 52, 42, 58, 1, 0, 0, 0],
+                   [62, 47, 41, 35, 36, 59, 1, 0]], np.int32)
+LIMITS = (INPUTS != 0).sum(1) + EXTRA
+WIDTH = INPUTS.shape[1] + EXTRA
+
+
+@functools.cache
+def tiny():
+    """The tiny model with random weights under which greedy search stops with EOS in some sentences
+    (rows 0 and 3) and runs to the length limit in the others; every argmax wins by at least 0.03.
+
+    The weights are drawn with NumPy into the shapes of ``init`` (``jax.eval_shape``): compiling the
+    initializers would take seconds. Dense kernels are N(0, 1 / fan_in), embeddings N(0, 1 / d_model),
+    LayerNorms the identity, biases zero.
+    """
+    model = Transformer(preset("tiny"))
+    rng = np.random.default_rng(17)
+    shapes = jax.eval_shape(model.init, jax.random.key(0), INPUTS, INPUTS)
+
+    def fill(path, leaf):
+        name = jax.tree_util.keystr(path).removesuffix(".value")  # Inside the logical-axes box.
+        if name.endswith("['scale']"):
+            value = np.ones(leaf.shape)
+        elif name.endswith("['bias']"):
+            value = np.zeros(leaf.shape)
+        else:  # Kernels contract their leading axis (two leading axes, heads x kv, for attention outputs).
+            fan_in = leaf.shape[-1] if name.endswith("['embedding']") else (
+                leaf.shape[0] * leaf.shape[1] if "['out']" in name else leaf.shape[0])
+            value = rng.normal(size=leaf.shape) / np.sqrt(fan_in)
+        return jnp.asarray(value, leaf.dtype)
+
+    return model, jax.tree_util.tree_map_with_path(fill, shapes)
+
+
+@functools.cache
+def encode_fn():
+    model, _ = tiny()
+    return jax.jit(lambda variables, inputs: model.apply(variables, inputs, method=Transformer.encode))
+
+
+@functools.cache
+def decoder_fn(**kwargs):
+    model, _ = tiny()
+    return jax.jit(lambda variables, inputs, rng=None: decoding.decode_batch(
+        model, variables, inputs, extra_length=EXTRA, rng=rng, **kwargs))
+
+
+def decode(inputs=INPUTS, rng=None, **kwargs):
+    result = decoder_fn(**kwargs)(tiny()[1], inputs, rng)
+    return jax.tree_util.tree_map(np.asarray, result)
+
+
+@functools.cache
+def greedy_batch():
+    return decode(method="greedy")
+
+
+def assert_well_formed(result, limits):
+    """EOS only as the last emitted token, pad (0) after it; a row without EOS stopped at its limit."""
+    for row, (tokens, length) in enumerate(zip(result.tokens, result.lengths, strict=True)):
+        assert 1 <= length <= limits[row]
+        assert np.all(tokens[length:] == 0), row
+        assert not np.any(tokens[: length - 1] == 1), row
+        assert tokens[length - 1] == 1 or length == limits[row], row
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The encoder-decoder attention cache.
+# ---------------------------------------------------------------------------------------------------------
+def count_dot_generals(jaxpr, output_shape):
+    """dot_general equations, in all nested jaxprs, whose result has ``output_shape``."""
+    count = 0
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            count += tuple(eqn.outvars[0].aval.shape) == output_shape
+        for sub in sub_jaxprs(eqn):
+            count += count_dot_generals(sub, output_shape)
+    return count
+
+
+def sub_jaxprs(eqn):
+    for value in eqn.params.values():
+        for item in value if isinstance(value, (tuple, list)) else (value,):
+            if hasattr(item, "eqns"):
+                yield item
+            elif hasattr(getattr(item, "jaxpr", None), "eqns"):
+                yield item.jaxpr
+
+
+def while_bodies(jaxpr):
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "while":
+            yield eqn.params["body_jaxpr"].jaxpr
+        for sub in sub_jaxprs(eqn):
+            yield from while_bodies(sub)
+
+
+def test_cross_attention_keys_values_are_projected_once_per_sentence():
+    model, variables = tiny()
+    cfg = model.config
+    layers, (batch, source_length) = cfg.num_decoder_layers, INPUTS.shape
+    # Projecting the encoder output gives keys/values [rows, source_length, heads, head_dim]; nothing else
+    # in a decoding step has that shape (attention over them gives [rows, heads, 1, source_length]).
+    projected = lambda rows: (rows, source_length, cfg.num_heads, cfg.attention_head_dim)  # noqa: E731
+    encoded = encode_fn()(variables, INPUTS)
+    cache = jax.jit(lambda v, e: decoding.init_cache(model, v, e, WIDTH))(variables, encoded)
+    tokens = np.zeros((batch, 1), np.int32)
+
+    def step(cache, memory):
+        return model.apply({**variables, "cache": cache}, memory, INPUTS, tokens, decode=True, mutable=["cache"],
+                           method=Transformer.decode)
+
+    def prime(cache):
+        return model.apply({**variables, "cache": cache}, encoded, method=Transformer.prime_cache,
+                           mutable=["cache"])
+
+    assert count_dot_generals(jax.make_jaxpr(prime)(cache).jaxpr, projected(batch)) == 2 * layers  # K, V.
+    # A step given the encoder output projects it (the detector sees it); a step given None does not.
+    with_memory = jax.make_jaxpr(lambda c: step(c, encoded))(cache).jaxpr
+    assert count_dot_generals(with_memory, projected(batch)) == 2 * layers
+    assert count_dot_generals(jax.make_jaxpr(lambda c: step(c, None))(cache).jaxpr, projected(batch)) == 0
+
+    # End to end: decode_batch's loop body attends to the cached keys/values but projects nothing, and beam
+    # search primes the cache for the b sentences, before tiling it to b * beam_size rows.
+    for method, rows in (("greedy", batch), ("beam", batch * 3)):
+        run = functools.partial(decoding.decode_batch, model, method=method, beam_size=3, extra_length=EXTRA)
+        jaxpr = jax.make_jaxpr(run)(variables, INPUTS).jaxpr
+        (body,) = list(while_bodies(jaxpr))
+        assert count_dot_generals(body, (rows, cfg.num_heads, 1, source_length)) == layers  # Attention...
+        assert count_dot_generals(body, projected(rows)) == 0  # ...to keys/values projected elsewhere:
+        # once, for the b sentences: Q, K, V in each encoder layer, then K, V in each decoder layer.
+        assert count_dot_generals(jaxpr, projected(batch)) == 3 * cfg.num_encoder_layers + 2 * layers
+        assert rows == batch or count_dot_generals(jaxpr, projected(rows)) == 0
+
+    # And the results are unchanged: steps on the primed cache reproduce the teacher-forced logits.
+    targets = np.array([[11, 12, 13, 1, 0], [14, 1, 0, 0, 0], [5, 6, 7, 8, 1], [9, 10, 1, 0, 0]], np.int32)
+    teacher_forced = np.asarray(jax.jit(model.apply)(variables, INPUTS, targets))
+    decoder_inputs = np.asarray(shift_right(targets))
+    cached_step = jax.jit(lambda cache, tokens: model.apply({**variables, "cache": cache}, None, INPUTS, tokens,
+                                                            decode=True, mutable=["cache"],
+                                                            method=Transformer.decode))
+    for t in range(targets.shape[1]):
+        logits, mutated = cached_step(cache, decoder_inputs[:, t: t + 1])
+        cache = mutated["cache"]
+        real = targets[:, t] != 0
+        np.testing.assert_allclose(np.asarray(logits)[real, 0], teacher_forced[real, t], atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Greedy and beam search on the tiny model.
+# ---------------------------------------------------------------------------------------------------------
+def naive_greedy(model, variables, inputs, limits, width):
+    """Greedy search that re-runs the whole (teacher-forced, uncached) decoder on the prefix at each step.
+
+    The decoder is called directly with every position marked real: the teacher-forced path would treat a
+    generated pad token (0) as padding, which the cached decoder (rightly) does not.
+    """
+    encoded = encode_fn()(variables, inputs)
+    run = jax.jit(lambda tokens: model.apply(
+        variables, encoded, inputs, shift_right(tokens), targets=jnp.ones_like(tokens),
+        method=lambda m, *args, **kwargs: m.decoder(*args, **kwargs)))
+    tokens = np.zeros((inputs.shape[0], width), np.int32)
+    done = np.zeros(inputs.shape[0], bool)
+    for t in range(width):
+        logits = np.asarray(run(tokens))[:, t]  # Position t sees tokens[:, :t] only (causal).
+        token = logits.argmax(-1)
+        tokens[:, t] = np.where(done, 0, token)
+        done |= (token == 1) | (t + 1 >= limits)
+    return tokens
+
+
+def test_cached_greedy_equals_naive_greedy():
+    model, variables = tiny()
+    result = greedy_batch()
+    np.testing.assert_array_equal(result.tokens, naive_greedy(model, variables, INPUTS, LIMITS, WIDTH))
+    assert_well_formed(result, LIMITS)
+    ends = result.tokens[np.arange(len(INPUTS)), result.lengths - 1]
+    assert (ends == 1).any() and (ends != 1).any()  # Both ways of stopping occur.
+
+
+def test_beam_size_one_equals_greedy():
+    beam = decode(method="beam", beam_size=1, alpha=0.0)
+    greedy = greedy_batch()
+    np.testing.assert_array_equal(beam.tokens, greedy.tokens)
+    np.testing.assert_array_equal(beam.lengths, greedy.lengths)
+    np.testing.assert_allclose(beam.log_probs, greedy.log_probs, rtol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["greedy", "beam"])
+def test_each_sentence_decodes_as_it_would_alone(method):
+    kwargs = dict(method="beam", beam_size=3, alpha=0.6) if method == "beam" else dict(method="greedy")
+    batch = greedy_batch() if method == "greedy" else decode(**kwargs)
+    assert_well_formed(batch, LIMITS)
+    # Alone: a batch of one. The first sentence is unpadded; the others keep their padding (the encoder
+    # ignores it: test_transformer), which keeps one compiled shape for all of them.
+    for row in range(len(INPUTS)):
+        alone = decode(INPUTS[row: row + 1], **kwargs)
+        np.testing.assert_array_equal(alone.tokens[0], batch.tokens[row])
+        np.testing.assert_allclose(alone.scores[0], batch.scores[row], rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Toy Markov chains with known probabilities (generic cores).
+# ---------------------------------------------------------------------------------------------------------
+def markov(transitions, vocab):
+    """A step function over a transition table {previous token: {next token: probability}}.
+
+    Unlisted rows are uniform; unlisted entries get probability ~1e-9. The cache holds a per-row step
+    counter and a scalar, to exercise the reordering and the scalar leaves.
+    """
+    table = np.full((vocab, vocab), 1e-9)
+    for previous in range(vocab):
+        if previous not in transitions:
+            table[previous] = 1.0 / vocab
+        for token, p in transitions.get(previous, {}).items():
+            table[previous, token] = p
+    log_table = np.log(table / table.sum(1, keepdims=True))
+
+    def logits_fn(tokens, cache):
+        return jnp.asarray(log_table, jnp.float32)[tokens[:, 0]], {"rows": cache["rows"] + 1,
+                                                                    "scalar": cache["scalar"]}
+
+    def cache(rows):
+        return {"rows": jnp.zeros((rows,), jnp.int32), "scalar": jnp.zeros((), jnp.int32)}
+
+    return logits_fn, cache, log_table
+
+
+A, B = 2, 3
+X = list(range(4, 24))  # 20 tokens.
+# Greedy takes A (0.6), then one of 20 equally likely tokens, then EOS: 0.03. B then EOS has 0.4.
+GREEDY_TRAP = {0: {A: 0.6, B: 0.4}, A: {x: 1 / 20 for x in X}, B: {1: 1.0}, **{x: {1: 1.0} for x in X}}
+
+
+def run_core(search, transitions, vocab, batch, width, **kwargs):
+    logits_fn, cache, log_table = markov(transitions, vocab)
+    rows = batch * kwargs.get("beam_size", 1)
+    limits = jnp.full((batch,), width)
+    return jax.tree_util.tree_map(np.asarray, search(logits_fn, cache(rows), limits, width, **kwargs)), log_table
+
+
+def test_beam_search_finds_the_sequence_greedy_misses():
+    greedy, log_table = run_core(decoding.greedy, GREEDY_TRAP, 24, 2, 6)
+    np.testing.assert_array_equal(greedy.tokens, [[A, X[0], 1, 0, 0, 0]] * 2)
+    np.testing.assert_allclose(greedy.log_probs, np.log(0.6 * 0.05), rtol=1e-5)
+    for alpha in (0.0, 0.6):
+        beam, _ = run_core(decoding.beam_search, GREEDY_TRAP, 24, 2, 6, beam_size=2, alpha=alpha)
+        np.testing.assert_array_equal(beam.tokens, [[B, 1, 0, 0, 0, 0]] * 2)
+        np.testing.assert_array_equal(beam.lengths, [2, 2])
+        log_p = log_table[0, B] + log_table[B, 1]
+        np.testing.assert_allclose(beam.log_probs, log_p, rtol=1e-5)
+        np.testing.assert_allclose(beam.scores, log_p / ((5 + 2) / 6) ** alpha, rtol=1e-5)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.6, 0.7, 1.0])
+def test_length_penalty_chooses_as_the_formula_says(alpha):
+    # Short: EOS at once (0.6, length 1). Long: L1 (0.4), L2 ... L9 (each ~1), EOS: length 10.
+    chain = {0: {1: 0.6, 2: 0.4}, **{t: {t + 1: 1.0} for t in range(2, 10)}, 10: {1: 1.0}}
+    result, log_table = run_core(decoding.beam_search, chain, 12, 1, 12, beam_size=2, alpha=alpha)
+    short, long = [1], list(range(2, 11)) + [1]
+    log_p = {"short": log_table[0, 1],
+             "long": log_table[0, 2] + sum(log_table[t, t + 1] for t in range(2, 10)) + log_table[10, 1]}
+    scores = {name: log_p[name] / ((5 + n) / 6) ** alpha for name, n in (("short", 1), ("long", 10))}
+    # The crossover is at alpha = log(log 0.4 / log 0.6) / log 2.5 = 0.637: 0.6 keeps the short one.
+    best = max(scores, key=scores.get)
+    assert best == ("short" if alpha < 0.637 else "long")
+    expected = short if best == "short" else long
+    np.testing.assert_array_equal(result.tokens[0], expected + [0] * (12 - len(expected)))
+    np.testing.assert_allclose(result.scores[0], scores[best], rtol=1e-5)
+
+
+def test_beam_search_cuts_hypotheses_at_the_limit():
+    # EOS is never likely: the best hypotheses reach the per-sentence limits (3 and 5) and finish there.
+    chain = {0: {2: 0.9, 1: 0.01}, **{t: {t + 1: 0.9, 1: 0.01} for t in range(2, 9)}}
+    logits_fn, cache, _ = markov(chain, 10)
+    result = decoding.beam_search(logits_fn, cache(4), jnp.array([3, 5]), 6, beam_size=2, alpha=0.6)
+    np.testing.assert_array_equal(result.tokens, [[2, 3, 4, 0, 0, 0], [2, 3, 4, 5, 6, 0]])
+    np.testing.assert_array_equal(result.lengths, [3, 5])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Sampling.
+# ---------------------------------------------------------------------------------------------------------
+def test_top_k_1_sampling_is_greedy():
+    result = decode(method="sample", rng=jax.random.key(7), top_k=1)
+    np.testing.assert_array_equal(result.tokens, greedy_batch().tokens)
+    np.testing.assert_allclose(result.log_probs, greedy_batch().log_probs, rtol=1e-5)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1e-3])
+def test_sampling_as_temperature_goes_to_zero_is_greedy(temperature):
+    chain = {0: {2: 0.4, 3: 0.35, 1: 0.25}, 2: {4: 0.45, 5: 0.4, 1: 0.15}, 4: {1: 0.5, 6: 0.45}}
+    greedy, _ = run_core(decoding.greedy, chain, 8, 1, 5)
+    np.testing.assert_array_equal(greedy.tokens, [[2, 4, 1, 0, 0]])
+    sampled, _ = run_core(decoding.sample, chain, 8, 256, 5, rng=jax.random.key(3), temperature=temperature)
+    np.testing.assert_array_equal(sampled.tokens, np.repeat(greedy.tokens, 256, axis=0))
+    # While at temperature 1 the rows differ.
+    sampled, _ = run_core(decoding.sample, chain, 8, 256, 5, rng=jax.random.key(3), temperature=1.0)
+    assert len({tuple(row) for row in sampled.tokens}) > 3
+
+
+# One step over 10 tokens with probabilities 0.3, 0.25, 0.2, 0.1, 0.05 x 3, 0.04, 0.01 (token 1, EOS, is 0.25).
+FIRST_STEP = {0: dict(zip([2, 1, 3, 4, 5, 6, 7, 8, 9], [0.3, 0.25, 0.2, 0.1, 0.05, 0.05, 0.05, 0.04, 0.01],
+                          strict=True))}
+
+
+def sample_first_tokens(rng, **kwargs):
+    result, log_table = run_core(decoding.sample, FIRST_STEP, 10, 4000, 1, rng=rng, **kwargs)
+    return result.tokens[:, 0], np.exp(log_table[0])
+
+
+@pytest.mark.parametrize("kwargs, support", [
+    (dict(top_k=3), [2, 1, 3]),
+    (dict(top_p=0.7), [2, 1, 3]),  # 0.3 + 0.25 < 0.7 <= 0.3 + 0.25 + 0.2: the token reaching p is kept.
+    (dict(top_k=2, top_p=0.5), [2]),  # After top-k: 0.545 and 0.455; the first alone reaches 0.5.
+    (dict(top_k=2, top_p=0.6), [2, 1]),
+    (dict(top_k=2, top_p=0.6, temperature=0.1), [2]),  # Sharpened: 0.86 and 0.14.
+])
+def test_top_k_and_top_p_restrict_the_support(kwargs, support):
+    tokens, probs = sample_first_tokens(jax.random.key(0), **kwargs)
+    assert set(np.unique(tokens)) == set(support)
+    if "temperature" not in kwargs:  # Frequencies follow the renormalized probabilities.
+        expected = probs[support] / probs[support].sum()
+        observed = np.array([(tokens == t).mean() for t in support])
+        np.testing.assert_allclose(observed, expected, atol=0.035)
+
+
+def test_sampling_is_reproducible_and_depends_on_the_rng():
+    chain = {0: {2: 0.5, 3: 0.3, 1: 0.2}, **{t: {t + 1: 0.5, 2: 0.3, 1: 0.2} for t in range(2, 9)}}
+    logits_fn, cache, _ = markov(chain, 10)
+    run = jax.jit(lambda rng: decoding.sample(logits_fn, cache(64), jnp.full((64,), 8), 8, rng,
+                                              temperature=1.0).tokens)
+    first, again, other = run(jax.random.key(1)), run(jax.random.key(1)), run(jax.random.key(2))
+    np.testing.assert_array_equal(first, again)
+    assert not np.array_equal(first, other)
+    assert len({tuple(row) for row in np.asarray(first)}) > 5  # Rows draw independently.
+
+
+def test_bad_arguments():
+    model, variables = tiny()
+    with pytest.raises(ValueError, match="method"):
+        decoding.decode_batch(model, variables, INPUTS, method="nucleus")
+    with pytest.raises(ValueError, match="rng"):
+        decoding.decode_batch(model, variables, INPUTS, method="sample")
+    with pytest.raises(ValueError, match="tile_beams"):
+        logits_fn, cache, _ = markov({}, 10)
+        decoding.beam_search(logits_fn, cache(2), jnp.array([3, 3]), 3, beam_size=2)
