@@ -22,14 +22,7 @@ from flaxformer_lite.data import pipeline  # noqa: E402
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory written by experiments/train.py.", required=True)
 _SPLIT = flags.DEFINE_string("split", None, "Split to translate; default: the run's eval_split.")
-_CHECKPOINT = flags.DEFINE_string("checkpoint", "latest", "latest, best, or a step number.")
-_AVERAGE = flags.DEFINE_integer("average_last", 0, "Average the parameters of the last K checkpoints.")
-_METHOD = flags.DEFINE_enum("method", "beam", ["greedy", "beam", "sample"], "Decoding method.")
-_BEAM = flags.DEFINE_integer("beam_size", 4, "Beam size (paper: 4).")
-_ALPHA = flags.DEFINE_float("alpha", 0.6, "Length penalty exponent (paper: 0.6).")
-_TEMPERATURE = flags.DEFINE_float("temperature", 1.0, "Sampling temperature.")
-_TOP_K = flags.DEFINE_integer("top_k", 0, "Sample among the k most likely tokens (0: all).")
-_TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus sampling threshold (1: off).")
+_DECODE_CONFIG = evaluation.define_decode_flags()
 _MAX_EXAMPLES = flags.DEFINE_integer("max_examples", 0, "Translate only the first N examples (0: all).")
 _BATCH = flags.DEFINE_integer("batch_size", 0, "Sentences per decoding batch (0: the run's data.batch_size).")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "tfds data directory, if not the run's.")
@@ -46,9 +39,9 @@ def decoding_label(cfg: evaluation.DecodeConfig) -> str:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    decode_cfg = evaluation.DecodeConfig(method=_METHOD.value, beam_size=_BEAM.value, alpha=_ALPHA.value,
-                                         temperature=_TEMPERATURE.value, top_k=_TOP_K.value, top_p=_TOP_P.value)
-    run = trainer.restore_run(_WORKDIR.value, _CHECKPOINT.value, _AVERAGE.value, _DATA_DIR.value)
+    decode_cfg = _DECODE_CONFIG()
+    run = trainer.restore_run(_WORKDIR.value, flags.FLAGS.checkpoint, flags.FLAGS.average_last,
+                              _DATA_DIR.value)
     split = _SPLIT.value or run.config.eval_split
     data_cfg = config_lib.build("data", run.config)
     if _BATCH.value:

@@ -16,15 +16,7 @@ from flaxformer_lite import evaluation, trainer  # noqa: E402
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory written by experiments/train.py.", required=True)
 _TEXT = flags.DEFINE_multi_string("text", None, "Sentence(s) to translate; default: read stdin.")
-_CHECKPOINT = flags.DEFINE_string("checkpoint", "latest", "latest, best, or a step number.")
-_AVERAGE = flags.DEFINE_integer("average_last", 0, "Average the parameters of the last K checkpoints.")
-_METHOD = flags.DEFINE_enum("method", "beam", ["greedy", "beam", "sample"], "Decoding method.")
-_BEAM = flags.DEFINE_integer("beam_size", 4, "Beam size (paper: 4).")
-_ALPHA = flags.DEFINE_float("alpha", 0.6, "Length penalty exponent (paper: 0.6).")
-_TEMPERATURE = flags.DEFINE_float("temperature", 1.0, "Sampling temperature.")
-_TOP_K = flags.DEFINE_integer("top_k", 0, "Sample among the k most likely tokens (0: all).")
-_TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus sampling threshold (1: off).")
-_SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
+_DECODE_CONFIG = evaluation.define_decode_flags()
 _BATCH = 32  # Sentences decoded together.
 
 
@@ -40,10 +32,8 @@ def encode_batch(tokenizer, sentences):
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    cfg = evaluation.DecodeConfig(method=_METHOD.value, beam_size=_BEAM.value, alpha=_ALPHA.value,
-                                  temperature=_TEMPERATURE.value, top_k=_TOP_K.value, top_p=_TOP_P.value,
-                                  seed=_SEED.value)
-    run = trainer.restore_run(_WORKDIR.value, _CHECKPOINT.value, _AVERAGE.value)
+    cfg = _DECODE_CONFIG()
+    run = trainer.restore_run(_WORKDIR.value, flags.FLAGS.checkpoint, flags.FLAGS.average_last)
     decode_fn = evaluation.make_decode_fn(run.model, cfg)
     lines = _TEXT.value or [line.rstrip("\n") for line in sys.stdin]
     for start in range(0, len(lines), _BATCH):

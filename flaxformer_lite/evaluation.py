@@ -43,6 +43,33 @@ class DecodeConfig:
             raise ValueError(f"beam_size must be >= 1, got {self.beam_size}")
 
 
+def define_decode_flags() -> Callable[[], DecodeConfig]:
+    """Registers the decoding and checkpoint flags that evaluate.py, translate.py and visualize.py share.
+
+    Returns a function that builds the ``DecodeConfig`` from the parsed flags (call it after parsing).
+    Flags: --checkpoint, --average_last, --method, --beam_size, --alpha, --temperature, --top_k, --top_p,
+    --seed.
+    """
+    from absl import flags  # Only the command-line programs need flags.
+
+    flags.DEFINE_string("checkpoint", "latest", "latest, best, or a step number.")
+    flags.DEFINE_integer("average_last", 0, "Average the parameters of the last K checkpoints.")
+    flags.DEFINE_enum("method", "beam", list(_METHODS), "Decoding method.")
+    flags.DEFINE_integer("beam_size", 4, "Beam size (paper: 4).")
+    flags.DEFINE_float("alpha", 0.6, "Length penalty exponent (paper: 0.6).")
+    flags.DEFINE_float("temperature", 1.0, "Sampling temperature.")
+    flags.DEFINE_integer("top_k", 0, "Sample among the k most likely tokens (0: all).")
+    flags.DEFINE_float("top_p", 1.0, "Nucleus sampling threshold (1: off).")
+    flags.DEFINE_integer("seed", 0, "Sampling seed.")
+
+    def build() -> DecodeConfig:
+        f = flags.FLAGS
+        return DecodeConfig(method=f.method, beam_size=f.beam_size, alpha=f.alpha, temperature=f.temperature,
+                            top_k=f.top_k, top_p=f.top_p, seed=f.seed)
+
+    return build
+
+
 def make_decode_fn(model: Transformer, cfg: DecodeConfig) -> Callable[[Any, np.ndarray, int], np.ndarray]:
     """A jitted ``(params, inputs [b, s], batch_number) -> tokens [b, L]`` for ``cfg``.
 
