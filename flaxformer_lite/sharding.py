@@ -41,15 +41,24 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
                            process_id: int | None = None) -> None:
     """Starts JAX's multi-controller runtime when this is one of several processes (one per host).
 
-    Explicit arguments win; otherwise JAX detects the cluster itself (Slurm with more than one task, Cloud
-    TPU pods with more than one worker, ...). A single process needs nothing and is left alone.
+    Explicit arguments win; otherwise JAX detects the cluster itself (Slurm with more than one task, where
+    JAX's default is one process per GPU; Cloud TPU pods with more than one worker, ...). A single process
+    needs nothing and is left alone.
+    ``FLAXFORMER_DISTRIBUTED=1`` in the environment forces JAX's own detection where the variables checked
+    here are not set (Cloud TPU VM slices started over ssh: ``launch/tpu_vm.sh`` sets it).
     """
     explicit = coordinator_address is not None or (num_processes or 1) > 1
     slurm_tasks = int(os.environ.get("SLURM_NTASKS", "1"))
     tpu_hosts = len([h for h in os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",") if h])
-    if not explicit and slurm_tasks <= 1 and tpu_hosts <= 1:
+    forced = os.environ.get("FLAXFORMER_DISTRIBUTED", "") not in ("", "0")
+    if not explicit and not forced and slurm_tasks <= 1 and tpu_hosts <= 1:
         return
-    if explicit:
+    if explicit and None not in (coordinator_address, num_processes, process_id):
+        # All given: no cluster detection, which on Slurm would also restrict each process to the one GPU
+        # numbered SLURM_LOCALID (JAX's one-process-per-GPU default); here a process uses all its host's.
+        jax.distributed.initialize(coordinator_address, num_processes, process_id,
+                                   cluster_detection_method="deactivate")
+    elif explicit:
         jax.distributed.initialize(coordinator_address, num_processes, process_id)
     else:
         jax.distributed.initialize()

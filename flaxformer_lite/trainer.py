@@ -190,14 +190,15 @@ def evaluate_loss(evaluate, params, eval_data: pipeline.EvalData, mesh, max_batc
     return training.summarize(jax.device_get(totals))
 
 
-def _evaluate(config, eval_step, decode_fn, params, eval_data, data: RunData, mesh, step: int) -> dict:
+def _evaluate(config, eval_step, decode_fn, params, eval_data, decode_data, data: RunData, mesh,
+              step: int) -> dict:
     """Validation loss/accuracy on the eval split and, if configured, translation metrics on its start."""
     metrics = evaluate_loss(eval_step, params, eval_data, mesh, config.eval_max_batches)
     logging.info("step %d eval (%s): loss %.4f  acc %.4f  ppl %.2f", step, config.eval_split, metrics["loss"],
                  metrics["accuracy"], metrics["perplexity"])
     if decode_fn is not None:
         scores, rows = evaluation.evaluate_translations(
-            decode_fn, params, eval_data, data.targets_tokenizer, config.dataset.target_lang,
+            decode_fn, params, decode_data, data.targets_tokenizer, config.dataset.target_lang,
             max_examples=config.decode_eval_examples)
         logging.info("step %d eval (%s, first %d, %s): BLEU %.2f  chrF %.2f  exact match %.2f%%  (%.1f s)", step,
                      config.eval_split, scores["num_examples"], config.decode_eval_method, scores["bleu"],
@@ -206,6 +207,20 @@ def _evaluate(config, eval_step, decode_fn, params, eval_data, data: RunData, me
             logging.info("  src: %s | ref: %s | hyp: %s", source, reference, hypothesis)
         metrics.update({k: scores[k] for k in ("bleu", "chrf", "exact_match", "decode_seconds")})
     return {f"eval/{k}": v for k, v in metrics.items()}
+
+
+def _process_zero_first(fn, name: str):
+    """``fn()`` on process 0 first, then (after a barrier) on the other processes; one process: just ``fn()``."""
+    if jax.process_count() == 1:
+        return fn()
+    from jax.experimental import multihost_utils
+
+    if jax.process_index() == 0:
+        result = fn()
+        multihost_utils.sync_global_devices(name)
+        return result
+    multihost_utils.sync_global_devices(name)
+    return fn()
 
 
 def _check_batch(config: ml_collections.ConfigDict, mesh) -> None:
@@ -222,7 +237,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     mesh = sharding.create_mesh(tuple(config.mesh_shape))
     _check_batch(config, mesh)
     os.makedirs(workdir, exist_ok=True)
-    data = prepare_data(config, workdir)
+    # Several processes: process 0 builds the dataset and trains the vocabulary, the others then read them.
+    data = _process_zero_first(lambda: prepare_data(config, workdir), "prepare_data")
     config = ml_collections.ConfigDict(config.to_dict())  # Unlocked copy with the resolved model fields.
     config.model.update(dataclasses.asdict(data.model_config))
     if jax.process_index() == 0:
@@ -243,9 +259,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                         pipeline_cfg)
     batches: Iterator = iter(train_data)
 
-    decode_fn = None
+    decode_fn, decode_data = None, eval_data
     if config.decode_eval_examples:
         decode_fn = evaluation.make_decode_fn(model, evaluation.DecodeConfig(method=config.decode_eval_method))
+        if jax.process_count() > 1:
+            # Every process decodes the same (whole) batches, so that the jitted decoder gets identical inputs
+            # everywhere and every process scores all of the first decode_eval_examples examples.
+            decode_data = pipeline.make_eval_data(data.eval_source, data.inputs_tokenizer, data.targets_tokenizer,
+                                                  pipeline_cfg, process_index=0, process_count=1)
 
     checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"),
                                 save_interval_steps=config.checkpoint_every_steps,
@@ -279,8 +300,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             with progress.paused():  # Evaluation and checkpointing don't count against training speed.
                 eval_metrics = {}
                 if step % config.eval_every_steps == 0 or is_last:
-                    eval_metrics = _evaluate(config, eval_step, decode_fn, state.params, eval_data, data, mesh,
-                                             step)
+                    eval_metrics = _evaluate(config, eval_step, decode_fn, state.params, eval_data, decode_data,
+                                             data, mesh, step)
                     writer.write(step, eval_metrics)
                     last_metrics.update(eval_metrics)
                 if checkpointer.should_save(step) or is_last:
