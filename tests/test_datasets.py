@@ -278,3 +278,17 @@ def test_sources_pickle_for_grain_workers(tmp_path):
         assert texts(restored) == texts(source)
     assert isinstance(source, datasets.FieldMappedSource)
     assert source.__getitems__([1, 0]) == [source[1], source[0]]
+
+
+def test_no_data_dir_means_the_tfds_default(tmp_path):
+    """``data_dir=None`` (the configs' default) builds where tfds builds by default ($TFDS_DATA_DIR here)."""
+    import subprocess
+    import sys
+
+    code = ("from flaxformer_lite.data import datasets; "
+            "print(len(datasets.load_split({'kind': 'scan', 'name': 'simple'}, 'test', None)))")
+    env = dict(os.environ, TFDS_DATA_DIR=str(tmp_path), JAX_PLATFORMS="cpu")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split()[-1] == "4182"
+    assert (tmp_path / "flaxformer_lite_scan" / "simple").is_dir()

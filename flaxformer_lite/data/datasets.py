@@ -432,14 +432,14 @@ def _catalog_keys(builder: tfds.core.DatasetBuilder, dataset: DatasetConfig) -> 
 # Entry points
 
 
-def prepare_builder(dataset: DatasetLike, data_dir: PathLike) -> tfds.core.DatasetBuilder:
+def prepare_builder(dataset: DatasetLike, data_dir: PathLike | None) -> tfds.core.DatasetBuilder:
     """The dataset's tfds builder, built into ``data_dir`` as array_record unless already there.
 
     A catalog dataset that is not yet built is downloaded and prepared by tfds, which may need network
     access and, for some datasets, more than this project installs.
     """
     dataset = DatasetConfig.from_any(dataset)
-    data_dir = os.fspath(data_dir)
+    data_dir = None if data_dir is None else os.fspath(data_dir)  # None: tfds's default (~/tensorflow_datasets).
     if dataset.kind == "scan":
         builder = ScanBuilder(config=dataset.name, data_dir=data_dir, file_format=_ARRAY_RECORD)
     elif dataset.kind == "local":
@@ -461,14 +461,14 @@ def prepare_builder(dataset: DatasetLike, data_dir: PathLike) -> tfds.core.Datas
     return builder
 
 
-def get_splits(dataset: DatasetLike, data_dir: PathLike) -> dict[str, Source]:
+def get_splits(dataset: DatasetLike, data_dir: PathLike | None) -> dict[str, Source]:
     """Every split of the dataset, by name, as random-access sources of ``{'inputs', 'targets'}`` examples."""
     dataset = DatasetConfig.from_any(dataset)
     builder = prepare_builder(dataset, data_dir)
     return {split: _as_source(builder, dataset, split) for split in builder.info.splits}
 
 
-def load_split(dataset: DatasetLike, split: str, data_dir: PathLike) -> Source:
+def load_split(dataset: DatasetLike, split: str, data_dir: PathLike | None) -> Source:
     """One split as a random-access source (``len``, ``__getitem__``) of ``{'inputs', 'targets'}`` examples.
 
     Args:
