@@ -164,6 +164,8 @@ class Checkpointer:
             best_mode=best_mode,
             enable_async_checkpointing=async_save,
         )
+        if "://" not in str(directory):
+            directory = os.path.abspath(directory)  # Orbax's OCDBT writer rejects relative paths.
         self._manager = ocp.CheckpointManager(directory, options=options, handler_registry=registry)
         logging.info(
             "Checkpointer at %s: every %d steps, keep last %s, best by %s (%s), async=%s; existing steps %s",

@@ -247,3 +247,20 @@ def test_best_checkpoint_survives_keep_last_k(
     ) as ckpt:
         assert ckpt.best_step() == expected_best  # metrics are read back from disk
         assert_trees_equal(ckpt.restore_params(abstract(state.params, one_device), step="best"), state.params)
+
+
+def test_relative_directory_is_accepted(tmp_path, monkeypatch):
+    """The default workdir is relative (workdir/scan); Orbax itself only takes absolute paths."""
+    monkeypatch.chdir(tmp_path)
+    state = {"params": {"w": np.arange(4, dtype=np.float32)}}
+    with Checkpointer("relative/checkpoints", save_interval_steps=1, max_to_keep=2, async_save=False) as ckpt:
+        assert ckpt.save(1, state, force=True)
+    with Checkpointer("relative/checkpoints", save_interval_steps=1, max_to_keep=2) as ckpt:
+        assert ckpt.latest_step() == 1
+        abstract = jax.tree_util.tree_map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=jax.sharding.SingleDeviceSharding(
+                jax.devices()[0])), state)
+        restored, _, step = ckpt.restore(abstract)
+    assert step == 1
+    np.testing.assert_array_equal(restored["params"]["w"], state["params"]["w"])
+    assert (tmp_path / "relative" / "checkpoints" / "1").is_dir()
