@@ -13,7 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from flaxformer_lite.layers import DenseGeneral
+from flaxformer_lite.layers import DenseGeneral, dropout, matmul
 
 # Added to the logits of masked positions. The float32 minimum makes exp() underflow to exactly 0, so masked
 # keys get exactly zero weight, while a fully masked row stays finite (uniform) instead of NaN.
@@ -55,15 +55,18 @@ def combine_masks(*masks: jax.Array | None) -> jax.Array | None:
 # ---------------------------------------------------------------------------------------------------------
 # Scaled dot-product attention
 # ---------------------------------------------------------------------------------------------------------
-def dot_product_attention_weights(query: jax.Array, key: jax.Array, mask: jax.Array | None = None) -> jax.Array:
-    """softmax(Q K^T / sqrt(d_k)) as float32 ``[b, h, q, k]``, for inputs ``[b, q|k, h, d_k]``.
+def dot_product_attention_weights(query: jax.Array, key: jax.Array, mask: jax.Array | None = None, *,
+                                  heads_first_kv: bool = False) -> jax.Array:
+    """softmax(Q K^T / sqrt(d_k)) as float32 ``[b, h, q, k]``, for ``query [b, q, h, d_k]`` and
+    ``key [b, k, h, d_k]`` (or ``[b, h, k, d_k]`` with ``heads_first_kv``, the layout of the decoding cache).
 
     The products may be in bfloat16, but logits are accumulated and the softmax is taken in float32: in
     bfloat16 the softmax of long rows loses most of its precision.
     """
     depth = query.shape[-1]
     query = query / jnp.asarray(math.sqrt(depth), query.dtype)
-    logits = jnp.einsum("bqhd,bkhd->bhqk", query, key, preferred_element_type=jnp.float32)
+    key_axes = "bhkd" if heads_first_kv else "bkhd"
+    logits = matmul(f"bqhd,{key_axes}->bhqk", query, key, query.dtype, out_dtype="float32")
     if mask is not None:
         logits = jnp.where(mask, logits, _MASKED_LOGIT)
     return jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
@@ -79,21 +82,25 @@ def dot_product_attention(
     dropout_rng: jax.Array | None = None,
     deterministic: bool = True,
     return_weights: bool = False,
+    heads_first_kv: bool = False,
 ):
     """softmax(Q K^T / sqrt(d_k)) V for ``query [b, q, h, d_k]``, ``key/value [b, k, h, d_k|d_v]``.
+
+    With ``heads_first_kv`` keys and values are ``[b, h, k, d]``: the decoding cache keeps that layout,
+    in which the products need no transpose of the whole cache at every step.
 
     Dropout (when ``deterministic`` is False and the rate is positive) is applied to the attention
     probabilities, as in the reference implementation of the paper. With ``return_weights`` the
     probabilities before dropout are returned too, as ``(output, weights)``.
     """
-    weights = dot_product_attention_weights(query, key, mask)
+    weights = dot_product_attention_weights(query, key, mask, heads_first_kv=heads_first_kv)
     probs = weights
     if not deterministic and dropout_rate > 0.0:
         if dropout_rng is None:
             raise ValueError("attention dropout needs a dropout_rng when deterministic=False")
-        keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs.shape)
-        probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0)
-    output = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(value.dtype), value)
+        probs = dropout(probs, dropout_rate, dropout_rng)
+    value_axes = "bhkd" if heads_first_kv else "bkhd"
+    output = matmul(f"bhqk,{value_axes}->bqhd", probs, value, value.dtype)
     return (output, weights) if return_weights else output
 
 
@@ -110,13 +117,13 @@ class MultiHeadAttention(nn.Module):
     beam search can gather or tile the cache along axis 0. Two kinds of cache:
 
     * ``static_kv=False`` (decoder self-attention): each call takes one new query position, appends its key
-      and value at ``cache_index`` of ``cached_key``/``cached_value`` ``[b, max_length, h, d]`` and attends
+      and value at ``cache_index`` of ``cached_key``/``cached_value`` ``[b, h, max_length, d]`` and attends
       over the positions filled so far. The cache is created (zeros, shapes only) by calling ``init`` with
       ``decode=True`` on a full-length input.
     * ``static_kv=True`` (encoder-decoder attention): the keys and values come from a memory that is the
       same at every step (the encoder output), so they are projected once per sentence, not once per step.
       A call given ``inputs_kv`` projects it and stores the result as ``cached_key``/``cached_value``
-      ``[b, s, h, d]``; a call with ``inputs_kv=None`` skips the key/value projections and attends over the
+      ``[b, h, s, d]``; a call with ``inputs_kv=None`` skips the key/value projections and attends over the
       stored ones. ``inputs_q=None`` only fills the cache (and returns ``None``): that is how a decoder
       primes its cache before the first step. A cache made by ``init`` holds projections under ``init``'s
       own fresh parameters: prime it, or give the first step ``inputs_kv``, with the real parameters.
@@ -156,50 +163,54 @@ class MultiHeadAttention(nn.Module):
             raise ValueError("inputs_q/inputs_kv may be None only with decode=True and static_kv=True")
         d_model = inputs_q.shape[-1]
         query = project("query")(inputs_q)
+        heads_first = False
         if decode and static_kv:
             key, value = self._static_cache(inputs_kv, project)
+            heads_first = True
         else:
             key = project("key")(inputs_kv)
             value = project("value")(inputs_kv)
             if decode:
-                key, value, mask = self._update_cache(key, value, mask)
+                key, value, mask, heads_first = self._update_cache(key, value, mask)
 
         dropout_rng = None
         if not deterministic and self.dropout_rate > 0.0:
             dropout_rng = self.make_rng("dropout")
         output, weights = dot_product_attention(
             query, key, value, mask, dropout_rate=self.dropout_rate, dropout_rng=dropout_rng,
-            deterministic=deterministic, return_weights=True)
+            deterministic=deterministic, return_weights=True, heads_first_kv=heads_first)
         self.sow("intermediates", "attention_weights", weights)
 
         return DenseGeneral((d_model,), ("heads", "kv"), ("embed",), use_bias=self.use_bias, dtype=self.dtype,
                             param_dtype=self.param_dtype, name="out")(output)
 
     def _update_cache(self, key: jax.Array, value: jax.Array, mask: jax.Array | None):
-        """Writes this step's key/value at the cache index and returns the whole cache to attend over."""
+        """Writes this step's key/value at the cache index; returns the whole cache to attend over, its mask
+        and whether it is heads-first (the cache is; the full-length call of ``init`` returns its input)."""
         initialized = self.has_variable("cache", "cached_key")
-        cached_key = self.variable("cache", "cached_key", jnp.zeros, key.shape, key.dtype)
-        cached_value = self.variable("cache", "cached_value", jnp.zeros, value.shape, value.dtype)
+        heads_first = lambda x: jnp.swapaxes(x, 1, 2)  # noqa: E731  [b, t, h, d] -> [b, h, t, d]
+        cached_key = self.variable("cache", "cached_key", jnp.zeros, heads_first(key).shape, key.dtype)
+        cached_value = self.variable("cache", "cached_value", jnp.zeros, heads_first(value).shape, value.dtype)
         cache_index = self.variable("cache", "cache_index", lambda: jnp.zeros((), jnp.int32))
         if not initialized:  # Called by init: the full-length input only fixes the cache shapes.
-            return key, value, mask
-        batch, max_length, heads, depth = cached_key.value.shape
+            return key, value, mask, False
+        batch, heads, max_length, depth = cached_key.value.shape
         if key.shape != (batch, 1, heads, depth):
             raise ValueError(f"decode=True takes one position per call: expected keys of shape "
                              f"{(batch, 1, heads, depth)}, got {key.shape}")
         index = cache_index.value
-        key = jax.lax.dynamic_update_slice(cached_key.value, key, (0, index, 0, 0))
-        value = jax.lax.dynamic_update_slice(cached_value.value, value, (0, index, 0, 0))
+        key = jax.lax.dynamic_update_slice(cached_key.value, heads_first(key), (0, 0, index, 0))
+        value = jax.lax.dynamic_update_slice(cached_value.value, heads_first(value), (0, 0, index, 0))
         cached_key.value, cached_value.value = key, value
         cache_index.value = index + 1
         filled = (jnp.arange(max_length) <= index)[None, None, None, :]
-        return key, value, combine_masks(mask, filled)
+        return key, value, combine_masks(mask, filled), True
 
     def _static_cache(self, inputs_kv: jax.Array | None, project):
         """Keys/values of a memory that does not change between steps: projected once, then read back."""
-        if inputs_kv is not None:
-            key = project("key")(inputs_kv)
-            value = project("value")(inputs_kv)
+        if inputs_kv is not None:  # Stored heads-first, [b, h, s, d], as the self-attention cache.
+            key = jnp.swapaxes(project("key")(inputs_kv), 1, 2)
+            value = jnp.swapaxes(project("value")(inputs_kv), 1, 2)
             cached_key = self.variable("cache", "cached_key", lambda: key)
             cached_value = self.variable("cache", "cached_value", lambda: value)
             cached_key.value, cached_value.value = key, value

@@ -61,6 +61,9 @@ def default_config() -> ml_collections.ConfigDict:
     config.train_split = "train"  # Split (or tfds split expression) to train on.
     config.eval_split = "test"  # Split for periodic evaluation; tune on a validation split, never on test.
     config.num_train_steps = 10_000  # Optimizer updates in the whole run.
+    # Stop earlier, with a checkpoint and an evaluation, after this many seconds of training in one session
+    # (evaluation and checkpointing not counted; a resumed run starts a new budget). 0: no limit.
+    config.max_train_seconds = 0.0
     config.mesh_shape = (-1, 1, 1)  # Devices along ('data', 'fsdp', 'tensor'); -1 takes what is left.
     config.log_every_secs = 5.0  # Progress (loss, tokens/s, ETA) to the log at most this often.
     config.metrics_every_steps = 50  # Training metrics to metrics.jsonl / TensorBoard every this many steps.
@@ -108,6 +111,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
         build(section, config)
     if config.num_train_steps < 1:
         raise ValueError(f"config.num_train_steps must be >= 1, got {config.num_train_steps}")
+    if config.max_train_seconds < 0:
+        raise ValueError(f"config.max_train_seconds must be >= 0 (0: no limit), got {config.max_train_seconds}")
     if config.checkpoint_best_metric and not config.decode_eval_examples:
         raise ValueError("config.checkpoint_best_metric needs config.decode_eval_examples > 0")
     if config.checkpoint_best_metric and config.checkpoint_every_steps % config.eval_every_steps:

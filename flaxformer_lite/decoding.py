@@ -34,8 +34,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
+import flax
 import jax
 import jax.numpy as jnp
+from flax import traverse_util
 
 from flaxformer_lite.transformer import Transformer
 
@@ -77,7 +79,7 @@ def _gather_rows(tree: Any, rows: jax.Array) -> Any:
         if x.shape[0] != n:
             raise ValueError(f"cache leaf of shape {x.shape} is not batch-leading with {n} rows "
                              "(did you tile the cache for the beams with tile_beams?)")
-        return jnp.take(x, rows, axis=0)
+        return jnp.take(x, rows, axis=0, mode="clip")  # Rows are in range; "clip" skips the fill-select.
 
     return jax.tree_util.tree_map(gather, tree)
 
@@ -132,6 +134,14 @@ def _one_token_per_step(logits_fn: LogitsFn, cache: Any, max_lengths: jax.Array,
     return Decoded(state["tokens"], state["lengths"], state["log_probs"], state["log_probs"])
 
 
+def first_argmax(logits: jax.Array) -> jax.Array:
+    """``jnp.argmax(logits, axis=-1)`` (the lowest index among ties) as a max and a masked min: on a CPU
+    this took half the time of ``argmax``'s single reduction over (value, index) pairs."""
+    ids = jnp.arange(logits.shape[-1], dtype=jnp.int32)
+    is_max = logits == jnp.max(logits, axis=-1, keepdims=True)
+    return jnp.min(jnp.where(is_max, ids, logits.shape[-1]), axis=-1)
+
+
 def greedy(logits_fn: LogitsFn, cache: Any, max_lengths: jax.Array, max_decode_length: int, *,
            start_id: int = 0, eos_id: int = 1, pad_id: int = 0) -> Decoded:
     """Greedy search: at each step every row takes its most probable token (the lowest id on a tie).
@@ -140,7 +150,7 @@ def greedy(logits_fn: LogitsFn, cache: Any, max_lengths: jax.Array, max_decode_l
     output; ``max_decode_length`` is the static output width. See the module docstring for conventions.
     """
     return _one_token_per_step(logits_fn, cache, max_lengths, max_decode_length,
-                               lambda logits, step: jnp.argmax(logits, axis=-1), start_id=start_id,
+                               lambda logits, step: first_argmax(logits), start_id=start_id,
                                eos_id=eos_id, pad_id=pad_id)
 
 
@@ -182,7 +192,7 @@ def sample(logits_fn: LogitsFn, cache: Any, max_lengths: jax.Array, max_decode_l
 
     def choose(logits, step):
         if temperature == 0:
-            return jnp.argmax(logits, axis=-1)
+            return first_argmax(logits)
         filtered, ids = filter_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p)
         choice = jax.random.categorical(jax.random.fold_in(rng, step), filtered, axis=-1)
         return choice if ids is None else jnp.take_along_axis(ids, choice[:, None], axis=-1)[:, 0]
@@ -362,11 +372,20 @@ def decode_batch(model: Transformer, variables: Any, inputs: jax.Array, *, metho
     cache = init_cache(model, variables, encoded, width)  # Cross-attention keys/values: once per sentence.
     if method == "beam":
         cache, inputs = tile_beams((cache, inputs), beam_size)
+    # The cross-attention keys/values never change while decoding: logits_fn closes over them, so the
+    # search carries (and beam search reorders at every step) only the self-attention cache. Reordering the
+    # constant part too took a third of beam search's time on a CPU.
+    flat = traverse_util.flatten_dict(flax.core.unfreeze(cache))
+    constant = {path: leaf for path, leaf in flat.items() if "cross_attention" in path}
+    cache = traverse_util.unflatten_dict({path: leaf for path, leaf in flat.items() if path not in constant})
 
     def logits_fn(tokens, cache):
-        logits, mutated = model.apply({**variables, "cache": cache}, None, inputs, tokens, decode=True,
+        full = traverse_util.unflatten_dict({**traverse_util.flatten_dict(cache), **constant})
+        logits, mutated = model.apply({**variables, "cache": full}, None, inputs, tokens, decode=True,
                                       mutable=["cache"], method=Transformer.decode)
-        return logits[:, -1], mutated["cache"]
+        changed = traverse_util.flatten_dict(flax.core.unfreeze(mutated["cache"]))
+        return logits[:, -1], traverse_util.unflatten_dict(
+            {path: leaf for path, leaf in changed.items() if path not in constant})
 
     common = dict(start_id=cfg.decoder_start_id, eos_id=eos_id, pad_id=cfg.pad_id)
     if method == "greedy":

@@ -292,7 +292,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             state, metrics = train_step(state, sharding.shard_batch(next(batches), mesh))
             progress.add(metrics)
             step += 1
-            is_last = step == config.num_train_steps
+            out_of_time = 0 < config.max_train_seconds <= progress.training_seconds()
+            is_last = step == config.num_train_steps or out_of_time
             if step % config.metrics_every_steps == 0 or is_last or progress.seconds_since_log() >= \
                     config.log_every_secs:
                 last_metrics = progress.log(step)
@@ -307,6 +308,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 if checkpointer.should_save(step) or is_last:
                     checkpointer.save(step, state, data_state=batches.get_state(), force=True,
                                       metrics=eval_metrics or None)
+            if out_of_time:
+                logging.info("Stopping at step %d: %.0f s of training reached config.max_train_seconds.",
+                             step, progress.training_seconds())
+                break
         if preemption.requested and step > start_step:
             checkpointer.save(step, state, data_state=batches.get_state(), force=True)
             logging.warning("Preempted: saved step %d; rerun the same command to resume.", step)
@@ -331,7 +336,7 @@ class _Progress:
         self._start_step, self._num_steps, self._schedule = start_step, num_steps, schedule
         self._session_start = self._log_time = time.perf_counter()
         self._log_step = start_step
-        self._paused = 0.0
+        self._paused = self._paused_total = 0.0
         self._train_seconds, self._train_steps = 0.0, 0  # After the first log line (which includes compiling).
 
     def add(self, metrics: dict) -> None:
@@ -343,6 +348,10 @@ class _Progress:
     def session_seconds(self) -> float:
         return time.perf_counter() - self._session_start
 
+    def training_seconds(self) -> float:
+        """Wall time of this session outside ``paused()``: training, compiling included."""
+        return self.session_seconds() - self._paused_total
+
     @contextlib.contextmanager
     def paused(self):
         start = time.perf_counter()
@@ -350,6 +359,7 @@ class _Progress:
             yield
         finally:
             self._paused += time.perf_counter() - start
+            self._paused_total += time.perf_counter() - start
 
     def log(self, step: int) -> dict[str, float]:
         sums = jax.tree_util.tree_map(lambda *xs: float(np.sum(xs)), *jax.device_get(self._pending))

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from flaxformer_lite import attention
-from flaxformer_lite.layers import (ACTIVATIONS, DenseGeneral, Embed, FeedForward, LayerNorm,
+from flaxformer_lite.layers import (ACTIVATIONS, DenseGeneral, Dropout, Embed, FeedForward, LayerNorm,
                                     PositionalEncoding)
 
 _DTYPES = ("float32", "bfloat16")
@@ -129,7 +129,7 @@ def _residual(cfg: TransformerConfig, x: jax.Array, sublayer, norm_name: str, *,
     Called from inside a module's compact ``__call__``, so the LayerNorm created here belongs to that layer.
     """
     norm = LayerNorm(cfg.layer_norm_epsilon, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name=norm_name)
-    dropout = nn.Dropout(cfg.dropout_rate)
+    dropout = Dropout(cfg.dropout_rate)
     if cfg.pre_layer_norm:
         return x + dropout(sublayer(norm(x)), deterministic=deterministic)
     return norm(x + dropout(sublayer(x), deterministic=deterministic))
@@ -207,7 +207,7 @@ class _Embedder(nn.Module):
         x = self.embed(tokens)
         x = PositionalEncoding(cfg.position_embedding, cfg.max_length, dtype=cfg.dtype,
                                param_dtype=cfg.param_dtype, name="positions")(x, positions)
-        return nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
+        return Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
 
 
 def _final_norm(cfg: TransformerConfig) -> LayerNorm | None:

@@ -38,6 +38,8 @@ def tiny():
             value = np.ones(leaf.shape)
         elif name.endswith("['bias']"):
             value = np.zeros(leaf.shape)
+        elif "['wo']" in name:  # Stored out-first (layers.DenseGeneral.kernel_out_first): [d_model, d_ff].
+            value = (rng.normal(size=leaf.shape[::-1]) / np.sqrt(leaf.shape[1])).T
         else:  # Kernels contract their leading axis (two leading axes, heads x kv, for attention outputs).
             fan_in = leaf.shape[-1] if name.endswith("['embedding']") else (
                 leaf.shape[0] * leaf.shape[1] if "['out']" in name else leaf.shape[0])

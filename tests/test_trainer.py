@@ -88,6 +88,16 @@ def test_resume_gives_bitwise_the_same_parameters(tmp_path, data_dir):
     assert steps == sorted(steps)  # One run's log, not two interleaved.
 
 
+def test_time_budget_stops_training_with_a_checkpoint_and_an_evaluation(tmp_path, data_dir):
+    workdir = tmp_path / "budget"
+    # The first step (which compiles) alone takes longer than the budget: the run stops after it.
+    result = trainer.train_and_evaluate(
+        tiny_config(data_dir, num_train_steps=1000, max_train_seconds=1e-3, eval_every_steps=500,
+                    checkpoint_every_steps=500), str(workdir))
+    assert result["step"] == 1 and "eval/loss" in result
+    assert os.listdir(workdir / "checkpoints") == ["1"]
+
+
 def test_sigterm_saves_a_restorable_checkpoint_and_resume_continues(tmp_path, data_dir):
     workdir = tmp_path / "preempted"
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")

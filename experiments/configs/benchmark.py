@@ -1,0 +1,33 @@
+"""The shapes of the speed benchmark, the same as ``../shared/bench/torch_peer.py`` uses for its PyTorch peer.
+
+    python experiments/benchmark.py --config=experiments/configs/benchmark.py:small
+    python experiments/benchmark.py --config=experiments/configs/benchmark.py:base --config.model.dtype=bfloat16
+
+``small``: shared vocabulary 8192, d_model 256, 4 heads, d_ff 1024, 3 + 3 layers, 32 pairs x (64 + 64) tokens.
+``base``: the paper's base model with a 32,000 vocabulary, 16 pairs x (64 + 64) tokens.
+Both pre-LN with dropout 0.1 and label smoothing 0.1, as the peer. Every token of a benchmark batch is real
+(random ids, no padding), so tokens/s counts real tokens.
+"""
+
+from flaxformer_lite import config as config_lib
+
+_SHAPES = {
+    "small": dict(preset="small", vocab_size=8192, batch_size=32),
+    "base": dict(preset="base", vocab_size=32_000, batch_size=16),
+}
+
+
+def get_config(size: str = "small"):
+    if size not in _SHAPES:
+        raise ValueError(f"benchmark.py:{size}: expected one of {sorted(_SHAPES)}")
+    shape = _SHAPES[size]
+    config = config_lib.default_config()
+    config_lib.with_preset(config, shape["preset"], vocab_size=shape["vocab_size"], pre_layer_norm=True,
+                           dropout_rate=0.1)
+    config.data.batch_size = shape["batch_size"]
+    config.data.max_inputs_length = 64
+    config.data.max_targets_length = 64
+    config.train.schedule = "rsqrt"
+    config.train.learning_rate = 1e-3
+    config.train.warmup_steps = 1000
+    return config

@@ -1,0 +1,111 @@
+"""layers.py: the matmul with its hand-written gradient, dropout, and the kernel layouts of DenseGeneral."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from flaxformer_lite import layers, training, transformer
+
+# (equation, shape of x, shape of y): every product the model makes, forward.
+PRODUCTS = [
+    ("abx,xcd->abcd", (2, 5, 8), (8, 3, 4)),  # Q/K/V projection.
+    ("abxy,xyc->abc", (2, 5, 3, 4), (3, 4, 8)),  # Attention output projection.
+    ("abx,xc->abc", (2, 5, 8), (8, 16)),  # Feed-forward, first matrix.
+    ("abx,cx->abc", (2, 5, 16), (8, 16)),  # Feed-forward, second matrix (kernel stored out-first).
+    ("nd,vd->nv", (10, 8), (12, 8)),  # Logits through the shared embedding.
+    ("bqhd,bkhd->bhqk", (2, 5, 3, 4), (2, 6, 3, 4)),  # Attention logits.
+    ("bhqk,bkhd->bqhd", (2, 3, 5, 6), (2, 6, 3, 4)),  # Attention probabilities x values.
+]
+
+
+@pytest.mark.parametrize("equation,x_shape,y_shape", PRODUCTS)
+def test_matmul_gradients_equal_autodiff_of_einsum(equation, x_shape, y_shape):
+    kx, ky, kg = jax.random.split(jax.random.key(0), 3)
+    x, y = jax.random.normal(kx, x_shape), jax.random.normal(ky, y_shape)
+    weights = jax.random.normal(kg, jnp.einsum(equation, x, y).shape)  # A loss that weighs every output.
+    ours = jax.grad(lambda a, b: jnp.sum(layers.matmul(equation, a, b, "float32") * weights), (0, 1))(x, y)
+    plain = jax.grad(lambda a, b: jnp.sum(jnp.einsum(equation, a, b) * weights), (0, 1))(x, y)
+    for got, want in zip(ours, plain):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(layers.matmul(equation, x, y, "float32"), jnp.einsum(equation, x, y), rtol=1e-6)
+
+
+def _dot_generals(jaxpr):
+    """Every dot_general equation in a jaxpr, including those inside nested jaxprs."""
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            yield eqn
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (list, tuple)) else [value]:
+                if isinstance(sub, jax.extend.core.ClosedJaxpr):
+                    yield from _dot_generals(sub.jaxpr)
+                elif isinstance(sub, jax.extend.core.Jaxpr):
+                    yield from _dot_generals(sub)
+
+
+def test_every_bfloat16_product_of_a_train_step_takes_bfloat16_operands_and_accumulates_in_float32():
+    """On CPUs bf16 x bf16 -> f32 is the fast form; f32 operands or a bf16 result are slower than float32."""
+    cfg = transformer.preset("tiny", dtype="bfloat16", dropout_rate=0.1, attention_dropout_rate=0.1,
+                             ffn_dropout_rate=0.1)
+    model = transformer.Transformer(cfg)
+    inputs = jnp.ones((2, 6), jnp.int32)
+    params = model.init(jax.random.key(0), inputs, inputs)["params"]
+
+    def loss(p):
+        logits = model.apply({"params": p}, inputs, inputs, deterministic=False,
+                             rngs={"dropout": jax.random.key(1)})
+        return training.cross_entropy_sums(logits, inputs, 0.1)["loss"]
+
+    dots = list(_dot_generals(jax.make_jaxpr(jax.grad(loss))(params).jaxpr))
+    # Forward and backward of 2 + 2 layers: at least 3 products per matmul of the forward pass.
+    assert len(dots) >= 3 * (2 * 6 + 2 * 10 + 1)
+    for eqn in dots:
+        operand_dtypes = [v.aval.dtype for v in eqn.invars]
+        assert operand_dtypes == [jnp.bfloat16, jnp.bfloat16], (eqn, operand_dtypes)
+        assert eqn.params["preferred_element_type"] == jnp.float32, eqn
+
+
+def test_dropout_keeps_the_right_fraction_and_the_expectation():
+    x = jnp.ones((1000, 1001))  # Odd last axis: the 16-bit halves of the last draw are cut.
+    for rate in (0.1, 0.3):
+        y = layers.dropout(x, rate, jax.random.key(0))
+        kept = np.asarray(y != 0)
+        n = kept.size
+        assert abs(kept.mean() - (1 - rate)) < 4 * np.sqrt(rate * (1 - rate) / n)
+        assert abs(float(y.mean()) - 1.0) < 4 * np.sqrt(rate / (1 - rate) / n)  # E[dropout(x)] = x.
+        np.testing.assert_allclose(np.unique(np.asarray(y)), [0.0, 1 / (1 - round(rate * 65536) / 65536)],
+                                   rtol=1e-6)
+
+
+def test_dropout_masks_are_independent_across_neighbours_and_keys():
+    rate, shape = 0.5, (500, 800)
+    a = np.asarray(layers.dropout(jnp.ones(shape), rate, jax.random.key(0)) != 0).astype(np.float64)
+    b = np.asarray(layers.dropout(jnp.ones(shape), rate, jax.random.key(1)) != 0).astype(np.float64)
+    bound = 4 / np.sqrt(a.size)  # Four standard deviations of a correlation estimate of independent masks.
+    assert abs(np.corrcoef(a.ravel(), b.ravel())[0, 1]) < bound
+    # The two 16-bit halves of one 32-bit draw (neighbours on the last axis), and rows.
+    assert abs(np.corrcoef(a[:, 0::2].ravel(), a[:, 1::2].ravel())[0, 1]) < 2 * bound
+    assert abs(np.corrcoef(a[0::2].ravel(), a[1::2].ravel())[0, 1]) < 2 * bound
+
+
+def test_dropout_rate_zero_and_deterministic_are_the_identity():
+    x = jax.random.normal(jax.random.key(0), (4, 7))
+    np.testing.assert_array_equal(layers.dropout(x, 0.0, jax.random.key(1)), x)
+    module = layers.Dropout(0.5)
+    np.testing.assert_array_equal(module.apply({}, x, deterministic=True), x)
+    dropped = module.apply({}, x, deterministic=False, rngs={"dropout": jax.random.key(2)})
+    assert 0 < int(jnp.sum(dropped == 0)) < x.size
+
+
+def test_kernel_out_first_is_the_same_map_with_the_kernel_transposed():
+    x = jax.random.normal(jax.random.key(0), (2, 3, 16))
+    usual = layers.DenseGeneral((8,), ("mlp",), ("embed",), use_bias=True)
+    out_first = layers.DenseGeneral((8,), ("mlp",), ("embed",), use_bias=True, kernel_out_first=True)
+    params = jax.tree_util.tree_map(lambda p: p.value if hasattr(p, "value") else p,
+                                    usual.init(jax.random.key(1), x), is_leaf=lambda p: hasattr(p, "value"))
+    transposed = {"params": {"kernel": params["params"]["kernel"].T, "bias": params["params"]["bias"]}}
+    np.testing.assert_allclose(out_first.apply(transposed, x), usual.apply(params, x), rtol=1e-6)
+    shapes = jax.tree_util.tree_map(jnp.shape, out_first.init(jax.random.key(1), x))
+    assert shapes["params"]["kernel"].value == (8, 16)
+    assert shapes["params"]["kernel"].names == ("embed", "mlp")
