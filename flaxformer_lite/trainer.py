@@ -284,7 +284,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     writer = MetricsWriter(workdir, start_step)
     preemption = _PreemptionFlag()
     progress = _Progress(start_step, config.num_train_steps,
-                         training.learning_rate_schedule(train_cfg, data.model_config.d_model))
+                         training.learning_rate_schedule(train_cfg, data.model_config.d_model),
+                         config.max_train_seconds)
     last_metrics: dict[str, float] = {}
     step = start_step
     try:
@@ -331,8 +332,9 @@ class _Progress:
     just to read its loss. Time spent inside ``paused()`` (evaluation, checkpoints) is left out of rates.
     """
 
-    def __init__(self, start_step: int, num_steps: int, schedule):
+    def __init__(self, start_step: int, num_steps: int, schedule, max_seconds: float = 0.0):
         self._pending: list[dict] = []
+        self._max_seconds = max_seconds  # The session's training-time budget (0: none), for the ETA.
         self._start_step, self._num_steps, self._schedule = start_step, num_steps, schedule
         self._session_start = self._log_time = time.perf_counter()
         self._log_step = start_step
@@ -340,7 +342,15 @@ class _Progress:
         self._train_seconds, self._train_steps = 0.0, 0  # After the first log line (which includes compiling).
 
     def add(self, metrics: dict) -> None:
+        """Records a dispatched step's metrics; waits until the step before the previous one is done.
+
+        Steps are dispatched asynchronously; without a bound the loop would run far ahead of the device,
+        and every time-based decision (log lines, ``max_train_seconds``) would be taken at dispatch time,
+        long before the steps ran. Two steps in flight keep the device busy and the clock honest.
+        """
         self._pending.append(metrics)
+        if len(self._pending) >= 3:
+            jax.block_until_ready(self._pending[-3])
 
     def seconds_since_log(self) -> float:
         return time.perf_counter() - self._log_time
@@ -369,6 +379,9 @@ class _Progress:
             self._train_seconds += elapsed
             self._train_steps += steps
         rate = self._train_steps / self._train_seconds if self._train_steps else steps / elapsed
+        eta = (self._num_steps - step) / rate
+        if self._max_seconds:
+            eta = min(eta, max(self._max_seconds - self.training_seconds(), 0.0))
         summary = training.summarize(sums)
         metrics = {f"train/{k}": v for k, v in summary.items()}
         metrics.update({
@@ -379,7 +392,7 @@ class _Progress:
         })
         logging.info("step %d/%d  loss %.4f  acc %.4f  %.1f steps/s  %.0f tok/s  ETA %s", step, self._num_steps,
                      summary["loss"], summary["accuracy"], metrics["train/steps_per_sec"],
-                     metrics["train/target_tokens_per_sec"], _format_seconds((self._num_steps - step) / rate))
+                     metrics["train/target_tokens_per_sec"], _format_seconds(eta))
         self._pending, self._log_time, self._log_step, self._paused = [], time.perf_counter(), step, 0.0
         return metrics
 
