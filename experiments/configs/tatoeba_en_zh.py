@@ -18,6 +18,7 @@ def get_config():
     config.tokenizer.kind = "sentencepiece"
     config.tokenizer.vocab_size = 8000
     config_lib.with_preset(config, "small", pre_layer_norm=True, dropout_rate=0.1)
+    config.model.dtype = "bfloat16"  # As multi30k.py: faster on CPUs too, same loss (see that file).
     config.data.batch_size = 32
     config.data.max_inputs_length = 64
     config.data.max_targets_length = 64
@@ -26,8 +27,8 @@ def get_config():
     config.train.warmup_steps = 1000
     config.num_train_steps = 20_000
     config.train.total_steps = config.num_train_steps
-    config.eval_every_steps = 1000
-    config.checkpoint_every_steps = 1000
+    config.eval_every_steps = 500
+    config.checkpoint_every_steps = 500
     config.decode_eval_examples = 1050  # All of dev, greedy: BLEU (zh tokenizer) picks the best checkpoint.
     config.checkpoint_best_metric = "eval/bleu"
     return config
