@@ -16,7 +16,7 @@ from absl import app, flags, logging
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # Run from a checkout.
 
-from flaxformer_lite import evaluation, trainer  # noqa: E402
+from flaxformer_lite import compilation_cache, evaluation, trainer  # noqa: E402
 from flaxformer_lite import config as config_lib  # noqa: E402
 from flaxformer_lite.data import pipeline  # noqa: E402
 
@@ -40,6 +40,7 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     decode_cfg = _DECODE_CONFIG()
+    compilation_cache.use_workdir_cache(_WORKDIR.value)
     run = trainer.restore_run(_WORKDIR.value, flags.FLAGS.checkpoint, flags.FLAGS.average_last,
                               _DATA_DIR.value)
     split = _SPLIT.value or run.config.eval_split
@@ -47,7 +48,8 @@ def main(argv):
     if _BATCH.value:
         data_cfg = data_cfg.__class__(**{**data_cfg.__dict__, "batch_size": _BATCH.value})
     source = trainer.datasets.load_split(config_lib.build("dataset", run.config), split, run.config.data_dir)
-    eval_data = pipeline.make_eval_data(source, run.data.inputs_tokenizer, run.data.targets_tokenizer, data_cfg)
+    eval_data = pipeline.make_eval_data(source, run.data.inputs_tokenizer, run.data.targets_tokenizer, data_cfg,
+                                        max_examples=_MAX_EXAMPLES.value, longest_first=True)
     logging.info("Translating %s (%d examples) with checkpoint %s, %s", split, len(source), run.label,
                  decoding_label(decode_cfg))
     decode_fn = evaluation.make_decode_fn(run.model, decode_cfg)

@@ -12,7 +12,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # Run from a checkout.
 
-from flaxformer_lite import evaluation, trainer  # noqa: E402
+from flaxformer_lite import compilation_cache, evaluation, trainer  # noqa: E402
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory written by experiments/train.py.", required=True)
 _TEXT = flags.DEFINE_multi_string("text", None, "Sentence(s) to translate; default: read stdin.")
@@ -33,6 +33,7 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     cfg = _DECODE_CONFIG()
+    compilation_cache.use_workdir_cache(_WORKDIR.value)
     run = trainer.restore_run(_WORKDIR.value, flags.FLAGS.checkpoint, flags.FLAGS.average_last)
     decode_fn = evaluation.make_decode_fn(run.model, cfg)
     lines = _TEXT.value or [line.rstrip("\n") for line in sys.stdin]

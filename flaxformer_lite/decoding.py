@@ -265,8 +265,14 @@ def beam_search(logits_fn: LogitsFn, cache: Any, max_lengths: jax.Array, max_dec
                                                 (0, 0, step))
             return beams, tokens, seqs
 
+        # One top-k for both sets: the 2k best extensions hold the k best and, since only k of all
+        # extensions end in EOS (one per beam), also the k best that do not. (The barrier keeps XLA from
+        # rewriting a top-k whose result is sliced into a sort of the whole [b, k * V] array, 100x slower.)
+        candidate_log_probs, candidate_ids = jax.lax.optimization_barrier(
+            jax.lax.top_k(extensions.reshape(batch, k * vocab), min(2 * k, k * vocab)))
+
         # 1. The beam: the k best extensions. Those ending in EOS, or all of them at the limit, finish.
-        top_log_probs, top_ids = jax.lax.top_k(extensions.reshape(batch, k * vocab), k)
+        top_log_probs, top_ids = candidate_log_probs[:, :k], candidate_ids[:, :k]
         _, top_tokens, top_seqs = extend(top_ids)
         finishing = (top_tokens == eos_id) | at_limit
         new_scores = jnp.where(finishing, top_log_probs / length_penalty(length, alpha), NEG_INF)
@@ -285,8 +291,9 @@ def beam_search(logits_fn: LogitsFn, cache: Any, max_lengths: jax.Array, max_dec
         )
 
         # 2. The alive set: the k best extensions that do not end in EOS (none once the limit is reached).
-        alive_log_probs, alive_ids = jax.lax.top_k(
-            extensions.at[:, :, eos_id].set(NEG_INF).reshape(batch, k * vocab), k)
+        alive_log_probs, alive_picks = jax.lax.top_k(
+            jnp.where(candidate_ids % vocab == eos_id, NEG_INF, candidate_log_probs), k)
+        alive_ids = jnp.take_along_axis(candidate_ids, alive_picks, axis=1)
         alive_beams, alive_tokens, alive_seqs = extend(alive_ids)
         alive_log_probs = jnp.where(at_limit | done[:, None], NEG_INF, alive_log_probs)
         cache = _gather_rows(cache, (sentence * k + alive_beams).reshape(-1))
@@ -332,10 +339,14 @@ def init_cache(model: Transformer, variables: Any, encoded: jax.Array, max_decod
 def source_limits(inputs: jax.Array, *, pad_id: int = 0, extra_length: int = 50,
                   max_decode_length: int | None = None) -> tuple[jax.Array, int]:
     """``(max_lengths [b], max_decode_length)``: each sentence may emit its non-pad source length +
-    ``extra_length`` tokens, within a static width of ``inputs.shape[1] + extra_length`` unless given."""
+    ``extra_length`` tokens, within a static width of ``inputs.shape[1] + extra_length`` unless given.
+
+    An all-pad row (the filler of a last, partial batch; a real source holds at least its EOS) gets 0: it
+    is finished from the start instead of decoding ``extra_length`` steps of nothing.
+    """
     width = inputs.shape[1] + extra_length if max_decode_length is None else max_decode_length
     source_lengths = jnp.sum(inputs != pad_id, axis=1, dtype=jnp.int32)
-    return jnp.minimum(source_lengths + extra_length, width), width
+    return jnp.where(source_lengths > 0, jnp.minimum(source_lengths + extra_length, width), 0), width
 
 
 def decode_batch(model: Transformer, variables: Any, inputs: jax.Array, *, method: str = "greedy",

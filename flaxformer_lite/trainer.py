@@ -7,6 +7,8 @@ A run's workdir holds everything needed to resume or evaluate it:
     checkpoints/     Orbax checkpoints: train state + data iterator state
     metrics.jsonl    one JSON object per logged step (train and eval metrics)
     tensorboard/     TensorBoard event files of the same metrics
+    compilation_cache/  XLA programs compiled for it, when run by the experiments/ scripts
+                     (flaxformer_lite.compilation_cache): a restart or an evaluation skips compiling them
 
 ``train_and_evaluate`` resumes from the latest checkpoint when there is one, including the data iterator,
 so an interrupted run continues with exactly the batches an uninterrupted one would have seen. SIGTERM
@@ -259,14 +261,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                         pipeline_cfg)
     batches: Iterator = iter(train_data)
 
-    decode_fn, decode_data = None, eval_data
+    decode_fn, decode_data = None, None
     if config.decode_eval_examples:
         decode_fn = evaluation.make_decode_fn(model, evaluation.DecodeConfig(method=config.decode_eval_method))
-        if jax.process_count() > 1:
-            # Every process decodes the same (whole) batches, so that the jitted decoder gets identical inputs
-            # everywhere and every process scores all of the first decode_eval_examples examples.
-            decode_data = pipeline.make_eval_data(data.eval_source, data.inputs_tokenizer, data.targets_tokenizer,
-                                                  pipeline_cfg, process_index=0, process_count=1)
+        # The first decode_eval_examples examples, longest first. Every process decodes the same (whole)
+        # batches, so that the jitted decoder gets identical inputs everywhere and every process scores all
+        # of them.
+        decode_data = pipeline.make_eval_data(data.eval_source, data.inputs_tokenizer, data.targets_tokenizer,
+                                              pipeline_cfg, process_index=0, process_count=1,
+                                              max_examples=config.decode_eval_examples, longest_first=True)
 
     checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"),
                                 save_interval_steps=config.checkpoint_every_steps,

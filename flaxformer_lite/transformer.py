@@ -262,7 +262,7 @@ class Decoder(nn.Module):
             # One new position per call; the position counter lives in the cache next to the keys/values.
             initialized = self.has_variable("cache", "position_index")
             index = self.variable("cache", "position_index", lambda: jnp.zeros((), jnp.int32))
-            positions = jnp.broadcast_to(index.value, decoder_inputs.shape)
+            positions = index.value[None, None]  # [1, 1]: every row is at this position (broadcasts).
             if initialized:
                 index.value = index.value + 1
             self_mask = None  # The cache admits only the positions decoded so far.

@@ -95,6 +95,17 @@ def count_dot_generals(jaxpr, output_shape):
     return count
 
 
+def count_dot_generals_reading(jaxpr, operand_shape):
+    """dot_general equations, in all nested jaxprs, with an operand of ``operand_shape``."""
+    count = 0
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            count += any(tuple(v.aval.shape) == operand_shape for v in eqn.invars)
+        for sub in sub_jaxprs(eqn):
+            count += count_dot_generals_reading(sub, operand_shape)
+    return count
+
+
 def sub_jaxprs(eqn):
     for value in eqn.params.values():
         for item in value if isinstance(value, (tuple, list)) else (value,):
@@ -117,7 +128,7 @@ def test_cross_attention_keys_values_are_projected_once_per_sentence():
     cfg = model.config
     layers, (batch, source_length) = cfg.num_decoder_layers, INPUTS.shape
     # Projecting the encoder output gives keys/values [rows, source_length, heads, head_dim]; nothing else
-    # in a decoding step has that shape (attention over them gives [rows, heads, 1, source_length]).
+    # in a decoding step has that shape (the step reads them heads-first, [rows, heads, source_length, d]).
     projected = lambda rows: (rows, source_length, cfg.num_heads, cfg.attention_head_dim)  # noqa: E731
     encoded = encode_fn()(variables, INPUTS)
     cache = jax.jit(lambda v, e: decoding.init_cache(model, v, e, WIDTH))(variables, encoded)
@@ -143,7 +154,8 @@ def test_cross_attention_keys_values_are_projected_once_per_sentence():
         run = functools.partial(decoding.decode_batch, model, method=method, beam_size=3, extra_length=EXTRA)
         jaxpr = jax.make_jaxpr(run)(variables, INPUTS).jaxpr
         (body,) = list(while_bodies(jaxpr))
-        assert count_dot_generals(body, (rows, cfg.num_heads, 1, source_length)) == layers  # Attention...
+        cached = (rows, cfg.num_heads, source_length, cfg.attention_head_dim)
+        assert count_dot_generals_reading(body, cached) == 2 * layers  # Attention (logits, values)...
         assert count_dot_generals(body, projected(rows)) == 0  # ...to keys/values projected elsewhere:
         # once, for the b sentences: Q, K, V in each encoder layer, then K, V in each decoder layer.
         assert count_dot_generals(jaxpr, projected(batch)) == 3 * cfg.num_encoder_layers + 2 * layers
@@ -214,6 +226,17 @@ def test_each_sentence_decodes_as_it_would_alone(method):
         alone = decode(INPUTS[row: row + 1], **kwargs)
         np.testing.assert_array_equal(alone.tokens[0], batch.tokens[row])
         np.testing.assert_allclose(alone.scores[0], batch.scores[row], rtol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["greedy", "beam"])
+def test_all_pad_rows_emit_nothing(method):
+    """The filler rows of a last, partial batch are finished from the start; the real rows are unchanged."""
+    kwargs = dict(method="beam", beam_size=3, alpha=0.6) if method == "beam" else dict(method="greedy")
+    padded = np.concatenate([INPUTS, np.zeros_like(INPUTS[:2])])
+    result, alone = decode(padded, **kwargs), decode(**kwargs)
+    np.testing.assert_array_equal(result.lengths[len(INPUTS):], [0, 0])
+    assert not result.tokens[len(INPUTS):].any()
+    np.testing.assert_array_equal(result.tokens[: len(INPUTS)], alone.tokens)
 
 
 # ---------------------------------------------------------------------------------------------------------

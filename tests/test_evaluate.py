@@ -15,7 +15,8 @@ TINY = ROOT / "experiments" / "configs" / "tiny.py"
 
 
 def run(script, *args, stdin=None):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+    # Every compiled program goes to the run's compilation cache, however quickly it compiled.
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
     return subprocess.run([sys.executable, str(ROOT / "experiments" / script), *args], capture_output=True,
                           text=True, timeout=300, env=env, cwd=ROOT, input=stdin)
 
@@ -47,6 +48,7 @@ def test_training_logs_translation_metrics_and_keeps_the_best(trained_run):
     records = [json.loads(line) for line in (trained_run / "metrics.jsonl").read_text().splitlines()]
     decoded = [r for r in records if "eval/exact_match" in r]
     assert [r["step"] for r in decoded] == [3, 6] and all("eval/bleu" in r for r in decoded)
+    assert any((trained_run / "compilation_cache").iterdir())  # Reused by a restart or evaluate.py.
 
 
 @pytest.mark.parametrize("flags", [["--method=greedy"], ["--beam_size=2", "--average_last=2"]])

@@ -243,6 +243,19 @@ def test_eval_yields_every_example_once_in_order():
     assert data.texts(6) == (" ".join(["w1"] * 30), source[6]["targets"].decode())
 
 
+def test_eval_longest_first_keeps_the_first_examples_and_maps_rows_back():
+    source = _make_source(12, seed=3)
+    data = pipeline.make_eval_data(source, _TOKENIZER, _TOKENIZER, _config(batch_size=4), process_index=0,
+                                   process_count=1, max_examples=9, longest_first=True)
+    rows = [(i, tuple(x[x != 0])) for b in data for i, x in zip(b["example_index"], b["inputs"]) if i >= 0]
+    assert sorted(i for i, _ in rows) == list(range(9))  # The first 9 of the split, each once.
+    assert all(tokens == _expected(source[i])[0] for i, tokens in rows)  # Rows map back to their examples.
+    lengths = [len(tokens) for _, tokens in rows]
+    assert lengths == sorted(lengths, reverse=True) and lengths[0] > lengths[-1]  # Longest first...
+    for (i, _), (j, _), a, b in zip(rows, rows[1:], lengths, lengths[1:]):
+        assert a > b or i < j  # ...and equal lengths in split order.
+
+
 def test_eval_multi_process_covers_split_with_equal_shapes():
     source = _make_source(11, long_every=5)
     config = _config(batch_size=2)

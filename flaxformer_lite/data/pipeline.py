@@ -418,7 +418,7 @@ def _bucket(length: int, base: int) -> int:
 
 
 class EvalData:
-    """Every example of an eval split exactly once, in order, in fixed-size batches.
+    """Every example of an eval split exactly once, in order (or longest source first), in fixed-size batches.
 
     Batches carry ``inputs``, ``targets`` and ``example_index`` (index into the split, -1 on the all-pad
     rows that fill the last batch). ``example_index`` is not a model argument: use ``split_eval_batch``.
@@ -487,14 +487,24 @@ def make_eval_data(
     *,
     process_index: int | None = None,
     process_count: int | None = None,
+    max_examples: int = 0,
+    longest_first: bool = False,
 ) -> EvalData:
     """Builds the eval batches of a split (all of it is tokenized in every process: eval splits are small).
 
     Only ``batch_size`` and the max lengths of ``config`` are used; nothing is shuffled, packed or dropped.
+    ``max_examples`` keeps the first N examples of the split (0: all). ``longest_first`` orders them by
+    source length, longest first (ties in split order), for decoding: sentences of similar length share a
+    batch, so a batch is padded less and its search stops sooner, and an out-of-memory batch fails first.
+    Either way ``example_index`` maps every row back to its place in the split.
     """
     process_index, process_count = _resolve_process(process_index, process_count)
-    index = np.arange(len(source), dtype=np.int64)
+    count = min(len(source), max_examples) if max_examples else len(source)
+    index = np.arange(count, dtype=np.int64)
     inputs, targets = tokenize_examples(source, index, inputs_tokenizer, targets_tokenizer)
+    if longest_first:
+        order = np.argsort([-len(x) for x in inputs], kind="stable")
+        inputs, targets, index = [inputs[i] for i in order], [targets[i] for i in order], index[order]
     examples = TokenizedExamples(inputs, targets, index)
     in_len, tgt_len = examples.lengths("inputs"), examples.lengths("targets")
     stats = LengthStats(
