@@ -100,7 +100,8 @@ def restore_run(workdir: str, checkpoint: str = "latest", average_last: int = 0,
     model = Transformer(data.model_config)
     mesh = sharding.create_mesh((1, 1, 1), jax.devices()[:1])
     abstract = training.abstract_params(model, mesh)
-    with Checkpointer(os.path.join(workdir, "checkpoints"), save_interval_steps=1, max_to_keep=None) as ckpt:
+    with Checkpointer(os.path.join(workdir, "checkpoints"), save_interval_steps=1, max_to_keep=None,
+                      best_metric=config.get("checkpoint_best_metric") or None) as ckpt:
         steps = ckpt.all_steps()
         if not steps:
             raise FileNotFoundError(f"no checkpoints in {workdir}/checkpoints")

@@ -76,3 +76,14 @@ def test_translate_reads_flags_and_stdin(trained_run):
     assert len(piped.stdout.splitlines()) == 3
     # The same sentences translate the same way whether they come from flags or stdin, alone or batched.
     assert piped.stdout.splitlines()[:2] == result.stdout.splitlines()
+
+
+def test_evaluate_restores_the_best_checkpoint(trained_run):
+    result = run("evaluate.py", f"--workdir={trained_run}", "--split=test[:8]", "--checkpoint=best",
+                 "--method=greedy", "--batch_size=8")
+    assert result.returncode == 0, result.stderr[-3000:]
+    (report_path,) = (trained_run / "eval").glob("test[[]:8]-best-*-greedy.json")
+    step = int(json.loads(report_path.read_text())["checkpoint"].removeprefix("best-"))
+    records = [json.loads(line) for line in (trained_run / "metrics.jsonl").read_text().splitlines()]
+    scores = {r["step"]: r["eval/exact_match"] for r in records if "eval/exact_match" in r}
+    assert scores[step] == max(scores.values())  # The run's own metric (config.checkpoint_best_metric).
