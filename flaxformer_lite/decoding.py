@@ -93,12 +93,35 @@ def _limits(max_lengths: jax.Array, max_decode_length: int) -> jax.Array:
     return jnp.clip(max_lengths, 0, max_decode_length)
 
 
+class Growth(NamedTuple):
+    """Decode the first ``steps`` steps on a short cache, then ``grow`` it (``cache -> cache``) to full length.
+
+    A step's cost grows with its cache's length, while most outputs end long before the longest one
+    allowed: on Multi30k almost every sentence ends within 32 tokens of a 98-long cache. The search's results
+    do not change: a cache position is read only once it is filled.
+    """
+
+    steps: int
+    grow: Callable[[Any], Any]
+
+
+def _search_loop(advance: Callable[[dict], dict], state: dict, width: int, growth: Growth | None) -> dict:
+    """Runs ``advance`` until every row is done or ``width`` steps, growing the cache after ``growth.steps``."""
+    def until(limit):
+        return lambda s: (s["step"] < limit) & ~jnp.all(s["done"])
+
+    if growth is not None and growth.steps < width:
+        state = jax.lax.while_loop(until(growth.steps), advance, state)
+        state = {**state, "cache": growth.grow(state["cache"])}
+    return jax.lax.while_loop(until(width), advance, state)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Greedy search and sampling: one token per row and step.
 # ---------------------------------------------------------------------------------------------------------
 def _one_token_per_step(logits_fn: LogitsFn, cache: Any, max_lengths: jax.Array, max_decode_length: int,
                         choose: Callable[[jax.Array, jax.Array], jax.Array], *, start_id: int, eos_id: int,
-                        pad_id: int) -> Decoded:
+                        pad_id: int, growth: Growth | None = None) -> Decoded:
     """The loop shared by greedy search and sampling; ``choose(logits [b, V], step) -> tokens [b]``."""
     max_lengths = _limits(max_lengths, max_decode_length)
     batch = max_lengths.shape[0]
@@ -129,8 +152,7 @@ def _one_token_per_step(logits_fn: LogitsFn, cache: Any, max_lengths: jax.Array,
             cache=cache,
         )
 
-    state = jax.lax.while_loop(lambda s: (s["step"] < max_decode_length) & ~jnp.all(s["done"]), advance,
-                               state)
+    state = _search_loop(advance, state, max_decode_length, growth)
     return Decoded(state["tokens"], state["lengths"], state["log_probs"], state["log_probs"])
 
 
@@ -143,7 +165,7 @@ def first_argmax(logits: jax.Array) -> jax.Array:
 
 
 def greedy(logits_fn: LogitsFn, cache: Any, max_lengths: jax.Array, max_decode_length: int, *,
-           start_id: int = 0, eos_id: int = 1, pad_id: int = 0) -> Decoded:
+           start_id: int = 0, eos_id: int = 1, pad_id: int = 0, growth: Growth | None = None) -> Decoded:
     """Greedy search: at each step every row takes its most probable token (the lowest id on a tie).
 
     ``cache`` is the initial cache for ``b = len(max_lengths)`` rows; ``max_lengths [b]`` bounds each row's
@@ -151,7 +173,7 @@ def greedy(logits_fn: LogitsFn, cache: Any, max_lengths: jax.Array, max_decode_l
     """
     return _one_token_per_step(logits_fn, cache, max_lengths, max_decode_length,
                                lambda logits, step: first_argmax(logits), start_id=start_id,
-                               eos_id=eos_id, pad_id=pad_id)
+                               eos_id=eos_id, pad_id=pad_id, growth=growth)
 
 
 def filter_logits(logits: jax.Array, *, temperature: float = 1.0, top_k: int = 0,
@@ -178,7 +200,7 @@ def filter_logits(logits: jax.Array, *, temperature: float = 1.0, top_k: int = 0
 
 def sample(logits_fn: LogitsFn, cache: Any, max_lengths: jax.Array, max_decode_length: int,
            rng: jax.Array, *, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-           start_id: int = 0, eos_id: int = 1, pad_id: int = 0) -> Decoded:
+           start_id: int = 0, eos_id: int = 1, pad_id: int = 0, growth: Growth | None = None) -> Decoded:
     """Ancestral sampling from the model, with temperature, top-k and top-p (see :func:`filter_logits`).
 
     ``temperature=0`` (a Python number) is greedy search. Step ``t`` draws with ``fold_in(rng, t)``, so a
@@ -198,7 +220,7 @@ def sample(logits_fn: LogitsFn, cache: Any, max_lengths: jax.Array, max_decode_l
         return choice if ids is None else jnp.take_along_axis(ids, choice[:, None], axis=-1)[:, 0]
 
     return _one_token_per_step(logits_fn, cache, max_lengths, max_decode_length, choose, start_id=start_id,
-                               eos_id=eos_id, pad_id=pad_id)
+                               eos_id=eos_id, pad_id=pad_id, growth=growth)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -206,7 +228,7 @@ def sample(logits_fn: LogitsFn, cache: Any, max_lengths: jax.Array, max_decode_l
 # ---------------------------------------------------------------------------------------------------------
 def beam_search(logits_fn: LogitsFn, cache: Any, max_lengths: jax.Array, max_decode_length: int, *,
                 beam_size: int = 4, alpha: float = 0.6, start_id: int = 0, eos_id: int = 1,
-                pad_id: int = 0) -> Decoded:
+                pad_id: int = 0, growth: Growth | None = None) -> Decoded:
     """Beam search with a separate set of finished hypotheses and the GNMT length penalty.
 
     ``max_lengths [b]`` bounds each sentence; ``cache`` is for ``b * beam_size`` rows, sentence-major (tile a
@@ -306,7 +328,7 @@ def beam_search(logits_fn: LogitsFn, cache: Any, max_lengths: jax.Array, max_dec
                     alive_log_probs=jnp.where(done[:, None], NEG_INF, alive_log_probs), done=done,
                     cache=cache, **finished)
 
-    state = jax.lax.while_loop(lambda s: (s["step"] < width) & ~jnp.all(s["done"]), advance, state)
+    state = _search_loop(advance, state, width, growth)
     return Decoded(state["finished_seqs"][:, 0], state["finished_lengths"][:, 0],
                    state["finished_log_probs"][:, 0], state["finished_scores"][:, 0])
 
@@ -352,14 +374,16 @@ def source_limits(inputs: jax.Array, *, pad_id: int = 0, extra_length: int = 50,
 def decode_batch(model: Transformer, variables: Any, inputs: jax.Array, *, method: str = "greedy",
                  beam_size: int = 4, alpha: float = 0.6, temperature: float = 1.0, top_k: int = 0,
                  top_p: float = 1.0, rng: jax.Array | None = None, max_decode_length: int | None = None,
-                 extra_length: int = 50, eos_id: int = 1) -> Decoded:
+                 extra_length: int = 50, eos_id: int = 1, first_cache_length: int = 32) -> Decoded:
     """Translates a batch of padded sources ``inputs [b, s]`` with a :class:`Transformer`.
 
     ``variables`` is ``{'params': ...}`` (or the params themselves). ``method`` is ``'greedy'``, ``'beam'``
     (``beam_size``, ``alpha``; the paper uses 4 and 0.6) or ``'sample'`` (``rng``, ``temperature``,
     ``top_k``, ``top_p``). Sentence ``i`` emits at most (its non-pad length + ``extra_length``) tokens;
     the output width is ``max_decode_length``, by default ``s + extra_length``. Returns
-    :class:`Decoded` with ``tokens [b, max_decode_length]``.
+    :class:`Decoded` with ``tokens [b, max_decode_length]``. The first ``first_cache_length`` steps run on
+    a self-attention cache of that length, grown to the full width only if some sentence needs more steps
+    (see :class:`Growth`; 0 starts at full width): the results are the same, sooner.
 
     Jit it by closing over the static arguments, e.g.
     ``jax.jit(lambda v, x: decode_batch(model, v, x, method='beam'))``, with shardings if wanted.
@@ -380,7 +404,8 @@ def decode_batch(model: Transformer, variables: Any, inputs: jax.Array, *, metho
                          f"(max_length={cfg.max_length})")
 
     encoded = model.apply(variables, inputs, method=Transformer.encode)
-    cache = init_cache(model, variables, encoded, width)  # Cross-attention keys/values: once per sentence.
+    first = min(first_cache_length, width) if first_cache_length > 0 else width
+    cache = init_cache(model, variables, encoded, first)  # Cross-attention keys/values: once per sentence.
     if method == "beam":
         cache, inputs = tile_beams((cache, inputs), beam_size)
     # The cross-attention keys/values never change while decoding: logits_fn closes over them, so the
@@ -398,7 +423,14 @@ def decode_batch(model: Transformer, variables: Any, inputs: jax.Array, *, metho
         return logits[:, -1], traverse_util.unflatten_dict(
             {path: leaf for path, leaf in changed.items() if path not in constant})
 
-    common = dict(start_id=cfg.decoder_start_id, eos_id=eos_id, pad_id=cfg.pad_id)
+    def grow(cache):  # Self-attention keys/values [n, h, first, d] -> [n, h, width, d]; counters unchanged.
+        flat = traverse_util.flatten_dict(cache)
+        return traverse_util.unflatten_dict({
+            path: jnp.pad(leaf, ((0, 0), (0, 0), (0, width - first), (0, 0)))
+            if path[-1] in ("cached_key", "cached_value") else leaf for path, leaf in flat.items()})
+
+    common = dict(start_id=cfg.decoder_start_id, eos_id=eos_id, pad_id=cfg.pad_id,
+                  growth=Growth(first, grow) if first < width else None)
     if method == "greedy":
         return greedy(logits_fn, cache, max_lengths, width, **common)
     if method == "beam":

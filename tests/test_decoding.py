@@ -229,6 +229,16 @@ def test_each_sentence_decodes_as_it_would_alone(method):
 
 
 @pytest.mark.parametrize("method", ["greedy", "beam"])
+def test_a_short_first_cache_changes_nothing(method):
+    """Steps on a 3-position cache, grown to full width when a sentence goes on, give the same results."""
+    kwargs = dict(method="beam", beam_size=3, alpha=0.6) if method == "beam" else dict(method="greedy")
+    grown, full = decode(first_cache_length=3, **kwargs), decode(first_cache_length=0, **kwargs)
+    assert full.lengths.max() > 3  # The cache did grow.
+    np.testing.assert_array_equal(grown.tokens, full.tokens)
+    np.testing.assert_allclose(grown.scores, full.scores, rtol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["greedy", "beam"])
 def test_all_pad_rows_emit_nothing(method):
     """The filler rows of a last, partial batch are finished from the start; the real rows are unchanged."""
     kwargs = dict(method="beam", beam_size=3, alpha=0.6) if method == "beam" else dict(method="greedy")
