@@ -142,8 +142,9 @@ class MultiHeadAttention(nn.Module):
 
     * ``static_kv=False`` (decoder self-attention): each call takes one new query position, appends its key
       and value at ``cache_index`` of ``cached_key``/``cached_value`` ``[b, h, max_length, d]`` (float32,
-      see ``_CACHE_DTYPE``) and attends over the positions filled so far. The cache is created (zeros,
-      shapes only) by calling ``init`` with ``decode=True`` on a full-length input.
+      see ``_CACHE_DTYPE``) and attends over the positions filled so far. The cache is created by a call
+      with ``decode=True`` on a full-length input (its shapes only: ``decoding.init_cache`` makes that
+      call under ``jax.eval_shape`` and fills the cache with zeros).
     * ``static_kv=True`` (encoder-decoder attention): the keys and values come from a memory that is the
       same at every step (the encoder output), so they are projected once per sentence, not once per step.
       A call given ``inputs_kv`` projects it and stores the result as ``cached_key``/``cached_value``
@@ -210,13 +211,13 @@ class MultiHeadAttention(nn.Module):
 
     def _update_cache(self, key: jax.Array, value: jax.Array, mask: jax.Array | None):
         """Writes this step's key/value at the cache index; returns the whole cache to attend over, its mask
-        and whether it is heads-first (the cache is; the full-length call of ``init`` returns its input)."""
+        and whether it is heads-first (the cache is; the full-length call that creates it returns its input)."""
         initialized = self.has_variable("cache", "cached_key")
         as_cached = lambda x: jnp.swapaxes(x, 1, 2).astype(_CACHE_DTYPE)  # noqa: E731  [b, h, t, d]
         cached_key = self.variable("cache", "cached_key", jnp.zeros, as_cached(key).shape, _CACHE_DTYPE)
         cached_value = self.variable("cache", "cached_value", jnp.zeros, as_cached(value).shape, _CACHE_DTYPE)
         cache_index = self.variable("cache", "cache_index", lambda: jnp.zeros((), jnp.int32))
-        if not initialized:  # Called by init: the full-length input only fixes the cache shapes.
+        if not initialized:  # The creating call: the full-length input only fixes the cache shapes.
             return key, value, mask, False
         batch, heads, max_length, depth = cached_key.value.shape
         if key.shape != (batch, 1, heads, depth):

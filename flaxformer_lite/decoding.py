@@ -24,8 +24,8 @@ Conventions (token ids: 0 = pad, which is also the decoder start token, 1 = EOS)
 
 The cache is any pytree whose leaves are batch-leading arrays (``[n, ...]``) or scalars (step counters);
 beam search gathers the former along axis 0 when beams are reordered. For the Transformer,
-:func:`init_cache` primes it with the encoder-decoder attention keys/values once per sentence (before beams
-are tiled), and the steps pass ``encoded=None``, so no step projects the encoder output again (see
+:func:`encode_memory` primes it with the encoder-decoder attention keys/values once per sentence (before
+beams are tiled), and the steps pass ``encoded=None``, so no step projects the encoder output again (see
 ``MultiHeadAttention``, ``static_kv``).
 """
 
@@ -337,26 +337,50 @@ def beam_search(logits_fn: LogitsFn, cache: Any, max_lengths: jax.Array, max_dec
 # ---------------------------------------------------------------------------------------------------------
 # The model-facing wrapper.
 # ---------------------------------------------------------------------------------------------------------
-def init_cache(model: Transformer, variables: Any, encoded: jax.Array, max_decode_length: int) -> Any:
-    """The decoding cache of ``model`` for ``encoded.shape[0]`` rows and up to ``max_decode_length`` steps.
+def encode_memory(model: Transformer, variables: Any, inputs: jax.Array, *,
+                  source_width: int | None = None) -> Any:
+    """Encodes ``inputs [b, s]`` and projects the encoder output into every decoder layer's cross-attention
+    keys/values (``Transformer.prime_cache``): the part of the decoding cache that stays fixed. Decoding
+    steps read it and pass ``encoded=None``, so the encoder output is projected once per sentence.
 
-    Self-attention keys/values and counters start at zero (shapes from ``jax.eval_shape`` of ``init``,
-    nothing computed); the encoder-decoder attention keys/values are projected from ``encoded`` here,
-    once (``Transformer.prime_cache``), so decoding steps pass ``encoded=None``.
+    With ``source_width`` the keys/values are padded to that many source positions (masked, as the sources'
+    own padding): sources cut to their batch's longest are encoded at that width and decoded at one shape
+    for a whole split (see ``evaluation.make_decode_fn``).
     """
-    rows, source_length = encoded.shape[:2]
+    if "params" not in variables:
+        variables = {"params": variables}
+    encoded = model.apply(variables, inputs, method=Transformer.encode)
+    _, mutated = model.apply(variables, encoded, method=Transformer.prime_cache, mutable=["cache"])
+    memory = mutated["cache"]
+    if source_width is None or source_width == inputs.shape[1]:
+        return memory
+    return jax.tree_util.tree_map(
+        lambda x: jnp.pad(x, ((0, 0), (0, 0), (0, source_width - x.shape[2]), (0, 0))), memory)
 
+
+def init_cache(model: Transformer, variables: Any, encoded: jax.Array, max_decode_length: int) -> Any:
+    """The decoding cache of ``model`` for ``encoded.shape[0]`` rows and up to ``max_decode_length`` steps:
+    the cross-attention keys/values projected from ``encoded`` (once: see :func:`encode_memory`), the
+    self-attention keys/values and counters at zero."""
+    _, mutated = model.apply(variables, encoded, method=Transformer.prime_cache, mutable=["cache"])
+    return _complete_cache(model, variables, mutated["cache"], encoded.shape[0], encoded.shape[1],
+                           max_decode_length)
+
+
+def _complete_cache(model: Transformer, variables: Any, memory: Any, rows: int, source_length: int,
+                    max_decode_length: int) -> Any:
+    """``memory`` (see :func:`encode_memory`) and a self-attention cache at zero. Its shapes come from
+    ``jax.eval_shape`` of a full-length decoder call, which computes nothing (``apply``, not ``init``:
+    tracing ``init`` ran every parameter initializer, a third of the time it took to trace a decoder)."""
     def make():
         inputs = jnp.ones((rows, source_length), jnp.int32)
         targets = jnp.zeros((rows, max_decode_length), jnp.int32)
-        return model.init(jax.random.key(0), encoded, inputs, targets, decode=True,
-                          method=Transformer.decode)["cache"]
+        return model.apply({**variables, "cache": memory}, None, inputs, targets, decode=True, mutable=["cache"],
+                           method=Transformer.decode)[1]["cache"]
 
-    shapes = jax.eval_shape(make)
-    cache = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-    _, mutated = model.apply({**variables, "cache": cache}, encoded, method=Transformer.prime_cache,
-                             mutable=["cache"])
-    return mutated["cache"]
+    zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(make))
+    return traverse_util.unflatten_dict({**traverse_util.flatten_dict(zeros),
+                                         **traverse_util.flatten_dict(memory)})
 
 
 def source_limits(inputs: jax.Array, *, pad_id: int = 0, extra_length: int = 50,
@@ -375,7 +399,8 @@ def source_limits(inputs: jax.Array, *, pad_id: int = 0, extra_length: int = 50,
 def decode_batch(model: Transformer, variables: Any, inputs: jax.Array, *, method: str = "greedy",
                  beam_size: int = 4, alpha: float = 0.6, temperature: float = 1.0, top_k: int = 0,
                  top_p: float = 1.0, rng: jax.Array | None = None, max_decode_length: int | None = None,
-                 extra_length: int = 50, eos_id: int = 1, first_cache_length: int = 32) -> Decoded:
+                 extra_length: int = 50, eos_id: int = 1, first_cache_length: int = 32,
+                 memory: Any = None) -> Decoded:
     """Translates a batch of padded sources ``inputs [b, s]`` with a :class:`Transformer`.
 
     ``variables`` is ``{'params': ...}`` (or the params themselves). ``method`` is ``'greedy'``, ``'beam'``
@@ -384,7 +409,9 @@ def decode_batch(model: Transformer, variables: Any, inputs: jax.Array, *, metho
     the output width is ``max_decode_length``, by default ``s + extra_length``. Returns
     :class:`Decoded` with ``tokens [b, max_decode_length]``. The first ``first_cache_length`` steps run on
     a self-attention cache of that length, grown to the full width only if some sentence needs more steps
-    (see :class:`Growth`; 0 starts at full width): the results are the same, sooner.
+    (see :class:`Growth`; 0 starts at full width): the results are the same, sooner. ``memory`` is what
+    :func:`encode_memory` returns for ``inputs``, when the caller has it (``evaluation.make_decode_fn``
+    encodes each batch at its own width).
 
     Jit it by closing over the static arguments, e.g.
     ``jax.jit(lambda v, x: decode_batch(model, v, x, method='beam'))``, with shardings if wanted.
@@ -404,9 +431,10 @@ def decode_batch(model: Transformer, variables: Any, inputs: jax.Array, *, metho
         raise ValueError(f"max_decode_length={width} exceeds the learned position table "
                          f"(max_length={cfg.max_length})")
 
-    encoded = model.apply(variables, inputs, method=Transformer.encode)
+    if memory is None:
+        memory = encode_memory(model, variables, inputs)  # Cross-attention keys/values: once per sentence.
     first = min(first_cache_length, width) if first_cache_length > 0 else width
-    cache = init_cache(model, variables, encoded, first)  # Cross-attention keys/values: once per sentence.
+    cache = _complete_cache(model, variables, memory, inputs.shape[0], inputs.shape[1], first)
     if method == "beam":
         cache, inputs = tile_beams((cache, inputs), beam_size)
     # The cross-attention keys/values never change while decoding: logits_fn closes over them, so the

@@ -342,11 +342,14 @@ class Transformer(nn.Module):
 
     def prime_cache(self, encoded: jax.Array) -> None:
         """Stores every decoder layer's encoder-decoder attention keys/values, projected from ``encoded``
-        ``[b, s, d_model]``, in the ``cache`` collection (which must exist, e.g. zeros shaped by ``init``
-        with ``decode=True``, and be mutable). Decoding steps can then pass ``encoded=None``::
+        ``[b, s, d_model]``, in the ``cache`` collection (which must be mutable; entries missing from it are
+        created). Decoding steps can then pass ``encoded=None``::
 
             cache = model.apply({'params': params, 'cache': cache}, encoded, method=Transformer.prime_cache,
                                 mutable=['cache'])[1]['cache']
+
+        ``decoding.encode_memory`` does this on an empty cache, ``decoding.init_cache`` adds the
+        self-attention cache.
         """
         self.decoder(encoded, None, None, decode=True)
 

@@ -239,6 +239,24 @@ def test_a_short_first_cache_changes_nothing(method):
 
 
 @pytest.mark.parametrize("method", ["greedy", "beam"])
+def test_sources_encoded_at_their_own_width_decode_the_same(method):
+    """``encode_memory`` on the sources cut to their longest, padded back to the batch's width, is the memory
+    ``decode_batch`` would make itself (what ``evaluation.make_decode_fn`` does for each batch)."""
+    model, variables = tiny()
+    kwargs = dict(method="beam", beam_size=3, alpha=0.6) if method == "beam" else dict(method="greedy")
+    inputs = INPUTS[1:]  # Rows with padding: the longest has 7 tokens of the 8 columns.
+    used = int((inputs != 0).sum(1).max())
+    assert used < inputs.shape[1]
+    memory = jax.jit(lambda v, x: decoding.encode_memory(model, v, x, source_width=inputs.shape[1]))(
+        variables, inputs[:, :used])
+    with_memory = jax.tree_util.tree_map(np.asarray, jax.jit(lambda v, x, m: decoding.decode_batch(
+        model, v, x, extra_length=EXTRA, memory=m, **kwargs))(variables, inputs, memory))
+    alone = decode(inputs, **kwargs)
+    np.testing.assert_array_equal(with_memory.tokens, alone.tokens)
+    np.testing.assert_allclose(with_memory.scores, alone.scores, rtol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["greedy", "beam"])
 def test_all_pad_rows_emit_nothing(method):
     """The filler rows of a last, partial batch are finished from the start; the real rows are unchanged."""
     kwargs = dict(method="beam", beam_size=3, alpha=0.6) if method == "beam" else dict(method="greedy")

@@ -109,3 +109,18 @@ def test_kernel_out_first_is_the_same_map_with_the_kernel_transposed():
     shapes = jax.tree_util.tree_map(jnp.shape, out_first.init(jax.random.key(1), x))
     assert shapes["params"]["kernel"].value == (8, 16)
     assert shapes["params"]["kernel"].names == ("embed", "mlp")
+
+
+def test_a_parameter_of_the_wrong_shape_is_an_error_that_names_it():
+    """``param_with_axes`` reads existing parameters without re-tracing their initializer (flax's own shape
+    check does that at every use), so it checks the shape itself."""
+    x = jax.random.normal(jax.random.key(0), (2, 3, 16))
+    dense = layers.DenseGeneral((8,), ("mlp",), ("embed",), use_bias=True)
+    params = dense.init(jax.random.key(1), x)
+    boxed_ok = dense.apply(params, x)  # Boxed (logical axes) parameters, as init returns them...
+    plain = jax.tree_util.tree_map(lambda p: p.value if hasattr(p, "value") else p, params,
+                                   is_leaf=lambda p: hasattr(p, "value"))
+    np.testing.assert_array_equal(dense.apply(plain, x), boxed_ok)  # ...or plain arrays: the same map.
+    wrong = {"params": {**plain["params"], "kernel": jnp.zeros((16, 9))}}
+    with pytest.raises(ValueError, match=r"kernel has shape \(16, 9\); the model's config needs \(16, 8\)"):
+        dense.apply(wrong, x)
