@@ -369,9 +369,8 @@ def init_cache(model: Transformer, variables: Any, encoded: jax.Array, max_decod
 
 def _complete_cache(model: Transformer, variables: Any, memory: Any, rows: int, source_length: int,
                     max_decode_length: int) -> Any:
-    """``memory`` (see :func:`encode_memory`) and a self-attention cache at zero. Its shapes come from
-    ``jax.eval_shape`` of a full-length decoder call, which computes nothing (``apply``, not ``init``:
-    tracing ``init`` ran every parameter initializer, a third of the time it took to trace a decoder)."""
+    """``memory`` (see :func:`encode_memory`) and a self-attention cache at zero, for ``max_decode_length``
+    steps. Its shapes come from ``jax.eval_shape`` of a full-length decoder call, which computes nothing."""
     def make():
         inputs = jnp.ones((rows, source_length), jnp.int32)
         targets = jnp.zeros((rows, max_decode_length), jnp.int32)

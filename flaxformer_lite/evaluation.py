@@ -78,7 +78,8 @@ def make_decode_fn(model: Transformer, cfg: DecodeConfig) -> Callable[[Any, np.n
     The decoder compiles once per input shape; ``translate`` decodes a whole split at one shape
     (``decode_width``). The encoder runs on the batch's own sources only, cut to the next multiple of 16
     (one small compilation per such width): most batches are much shorter than the split's longest
-    source, and encoding the padding took a third of greedy decoding's time on Multi30k.
+    source. On Multi30k's test_2016_flickr (batches of 32, longest source 37 tokens) greedy search took
+    4.0 s this way and 4.7 s encoding every batch at full width.
     """
 
     @functools.partial(jax.jit, static_argnames="width")
