@@ -34,7 +34,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
-import flax
 import jax
 import jax.numpy as jnp
 from flax import traverse_util
@@ -141,7 +140,9 @@ def _one_token_per_step(logits_fn: LogitsFn, cache: Any, max_lengths: jax.Array,
         logits, cache = logits_fn(state["last"][:, None], state["cache"])
         logits = logits.reshape(batch, -1).astype(jnp.float32)
         token = choose(logits, step).astype(jnp.int32)
-        log_prob = jnp.take_along_axis(jax.nn.log_softmax(logits), token[:, None], axis=-1)[:, 0]
+        # log_softmax(logits)[token], without writing out the whole normalized array.
+        log_prob = (jnp.take_along_axis(logits, token[:, None], axis=-1)[:, 0]
+                    - jax.nn.logsumexp(logits, axis=-1))
         token = jnp.where(done, pad_id, token)
         return dict(
             step=step + 1,
@@ -363,23 +364,27 @@ def init_cache(model: Transformer, variables: Any, encoded: jax.Array, max_decod
     the cross-attention keys/values projected from ``encoded`` (once: see :func:`encode_memory`), the
     self-attention keys/values and counters at zero."""
     _, mutated = model.apply(variables, encoded, method=Transformer.prime_cache, mutable=["cache"])
-    return _complete_cache(model, variables, mutated["cache"], encoded.shape[0], encoded.shape[1],
-                           max_decode_length)
+    memory = mutated["cache"]
+    steps = _step_cache(model, variables, memory, encoded.shape[0], encoded.shape[1], max_decode_length)
+    return traverse_util.unflatten_dict({**traverse_util.flatten_dict(steps),
+                                         **traverse_util.flatten_dict(memory)})
 
 
-def _complete_cache(model: Transformer, variables: Any, memory: Any, rows: int, source_length: int,
-                    max_decode_length: int) -> Any:
-    """``memory`` (see :func:`encode_memory`) and a self-attention cache at zero, for ``max_decode_length``
-    steps. Its shapes come from ``jax.eval_shape`` of a full-length decoder call, which computes nothing."""
+def _step_cache(model: Transformer, variables: Any, memory: Any, rows: int, source_length: int,
+                max_decode_length: int) -> Any:
+    """The part of the decoding cache that the steps change, at zero: self-attention keys/values for
+    ``max_decode_length`` steps and the counters. ``memory`` (see :func:`encode_memory`) is the rest. The
+    shapes come from ``jax.eval_shape`` of a full-length decoder call, which computes nothing."""
     def make():
         inputs = jnp.ones((rows, source_length), jnp.int32)
         targets = jnp.zeros((rows, max_decode_length), jnp.int32)
         return model.apply({**variables, "cache": memory}, None, inputs, targets, decode=True, mutable=["cache"],
                            method=Transformer.decode)[1]["cache"]
 
-    zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(make))
-    return traverse_util.unflatten_dict({**traverse_util.flatten_dict(zeros),
-                                         **traverse_util.flatten_dict(memory)})
+    fixed = traverse_util.flatten_dict(memory)
+    return traverse_util.unflatten_dict({path: jnp.zeros(shape.shape, shape.dtype) for path, shape
+                                         in traverse_util.flatten_dict(jax.eval_shape(make)).items()
+                                         if path not in fixed})
 
 
 def source_limits(inputs: jax.Array, *, pad_id: int = 0, extra_length: int = 50,
@@ -433,29 +438,25 @@ def decode_batch(model: Transformer, variables: Any, inputs: jax.Array, *, metho
     if memory is None:
         memory = encode_memory(model, variables, inputs)  # Cross-attention keys/values: once per sentence.
     first = min(first_cache_length, width) if first_cache_length > 0 else width
-    cache = _complete_cache(model, variables, memory, inputs.shape[0], inputs.shape[1], first)
+    cache = _step_cache(model, variables, memory, inputs.shape[0], inputs.shape[1], first)
     if method == "beam":
-        cache, inputs = tile_beams((cache, inputs), beam_size)
-    # The cross-attention keys/values never change while decoding: logits_fn closes over them, so the
-    # search carries (and beam search reorders at every step) only the self-attention cache. Reordering the
-    # constant part too took a third of beam search's time on a CPU.
-    flat = traverse_util.flatten_dict(flax.core.unfreeze(cache))
-    constant = {path: leaf for path, leaf in flat.items() if "cross_attention" in path}
-    cache = traverse_util.unflatten_dict({path: leaf for path, leaf in flat.items() if path not in constant})
+        cache, memory, inputs = tile_beams((cache, memory, inputs), beam_size)
+    # The memory never changes while decoding: logits_fn closes over it, so the search carries (and beam
+    # search reorders at every step) only the self-attention cache. Reordering the memory too took a third
+    # of beam search's time on a CPU.
+    constant = traverse_util.flatten_dict(memory)
 
     def logits_fn(tokens, cache):
         full = traverse_util.unflatten_dict({**traverse_util.flatten_dict(cache), **constant})
         logits, mutated = model.apply({**variables, "cache": full}, None, inputs, tokens, decode=True,
                                       mutable=["cache"], method=Transformer.decode)
-        changed = traverse_util.flatten_dict(flax.core.unfreeze(mutated["cache"]))
+        changed = traverse_util.flatten_dict(mutated["cache"])
         return logits[:, -1], traverse_util.unflatten_dict(
             {path: leaf for path, leaf in changed.items() if path not in constant})
 
     def grow(cache):  # Self-attention keys/values [n, h, first, d] -> [n, h, width, d]; counters unchanged.
-        flat = traverse_util.flatten_dict(cache)
-        return traverse_util.unflatten_dict({
-            path: jnp.pad(leaf, ((0, 0), (0, 0), (0, width - first), (0, 0)))
-            if path[-1] in ("cached_key", "cached_value") else leaf for path, leaf in flat.items()})
+        return jax.tree_util.tree_map(
+            lambda x: jnp.pad(x, ((0, 0), (0, 0), (0, width - first), (0, 0))) if jnp.ndim(x) else x, cache)
 
     common = dict(start_id=cfg.decoder_start_id, eos_id=eos_id, pad_id=cfg.pad_id,
                   growth=Growth(first, grow) if first < width else None)
