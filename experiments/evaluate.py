@@ -24,7 +24,11 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory written by experi
 _SPLIT = flags.DEFINE_string("split", None, "Split to translate; default: the run's eval_split.")
 _DECODE_CONFIG = evaluation.define_decode_flags()
 _MAX_EXAMPLES = flags.DEFINE_integer("max_examples", 0, "Translate only the first N examples (0: all).")
-_BATCH = flags.DEFINE_integer("batch_size", 0, "Sentences per decoding batch (0: the run's data.batch_size).")
+_BATCH = flags.DEFINE_integer("batch_size", 0, "Sentences per decoding batch (0: 128 for greedy search, which "
+                               "drops finished rows as it goes; the run's data.batch_size otherwise).")
+# Multi30k test_2016_flickr, greedy, decoding passes in one process: 2.5-3.1 s in batches of 128 (rows
+# dropped 128 -> 32 -> 8 as they finish), 3.1-3.6 s in batches of 32.
+_GREEDY_BATCH = 128
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "tfds data directory, if not the run's.")
 
 
@@ -45,8 +49,9 @@ def main(argv):
                               _DATA_DIR.value)
     split = _SPLIT.value or run.config.eval_split
     data_cfg = config_lib.build("data", run.config)
-    if _BATCH.value:
-        data_cfg = data_cfg.__class__(**{**data_cfg.__dict__, "batch_size": _BATCH.value})
+    batch_size = _BATCH.value or (_GREEDY_BATCH if decode_cfg.method == "greedy" else 0)
+    if batch_size:
+        data_cfg = data_cfg.__class__(**{**data_cfg.__dict__, "batch_size": batch_size})
     source = trainer.datasets.load_split(config_lib.build("dataset", run.config), split, run.config.data_dir)
     eval_data = pipeline.make_eval_data(source, run.data.inputs_tokenizer, run.data.targets_tokenizer, data_cfg,
                                         max_examples=_MAX_EXAMPLES.value, longest_first=True)

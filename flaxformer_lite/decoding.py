@@ -107,13 +107,41 @@ class Growth(NamedTuple):
 
 def _search_loop(advance: Callable[[dict], dict], state: dict, width: int, growth: Growth | None) -> dict:
     """Runs ``advance`` until every row is done or ``width`` steps, growing the cache after ``growth.steps``."""
-    def until(limit):
-        return lambda s: (s["step"] < limit) & ~jnp.all(s["done"])
-
     if growth is not None and growth.steps < width:
-        state = jax.lax.while_loop(until(growth.steps), advance, state)
+        state = jax.lax.while_loop(_until(growth.steps), advance, state)
         state = {**state, "cache": growth.grow(state["cache"])}
-    return jax.lax.while_loop(until(width), advance, state)
+    return jax.lax.while_loop(_until(width), advance, state)
+
+
+def _shrinking_loop(advance: Callable[[dict], dict], state: dict, width: int, sizes: tuple[int, ...],
+                    results: tuple[str, ...]) -> dict:
+    """:func:`_search_loop` that drops finished rows: once at most ``sizes[0]`` rows are still going, the
+    search goes on with that many rows (they are gathered to the front), then ``sizes[1]``, and so on.
+
+    Real outputs end long before the longest of their batch, while every row costs a step the same, done
+    or not: greedy search over Multi30k's test_2016_flickr in batches of 128 ran 35,200 row-steps for
+    15,944 tokens. ``state`` is batch-leading (every leaf with the batch's rows is per-row, the cache's
+    included; scalars are shared) and numbers its rows in ``row``. Returns the ``results`` leaves for the
+    whole batch. Each size is a loop of its own shape, so each costs tracing and compiling once.
+    """
+    out = {name: state[name] for name in results}
+
+    def save(out, state):  # The rows of ``state`` into the batch's results.
+        return {name: out[name].at[state["row"]].set(state[name]) for name in results}
+
+    for size in sizes:
+        state = jax.lax.while_loop(
+            lambda s, size=size: (s["step"] < width) & (jnp.sum(~s["done"]) > size), advance, state)
+        out = save(out, state)
+        keep = jnp.argsort(state["done"], stable=True)[:size]  # Every row still going, first.
+        rows = state["done"].shape[0]
+        state = jax.tree_util.tree_map(
+            lambda x: jnp.take(x, keep, axis=0, mode="clip") if jnp.ndim(x) and x.shape[0] == rows else x, state)
+    return save(out, jax.lax.while_loop(_until(width), advance, state))
+
+
+def _until(limit: int) -> Callable[[dict], jax.Array]:
+    return lambda s: (s["step"] < limit) & ~jnp.all(s["done"])
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -121,10 +149,14 @@ def _search_loop(advance: Callable[[dict], dict], state: dict, width: int, growt
 # ---------------------------------------------------------------------------------------------------------
 def _one_token_per_step(logits_fn: LogitsFn, cache: Any, max_lengths: jax.Array, max_decode_length: int,
                         choose: Callable[[jax.Array, jax.Array], jax.Array], *, start_id: int, eos_id: int,
-                        pad_id: int, growth: Growth | None = None) -> Decoded:
-    """The loop shared by greedy search and sampling; ``choose(logits [b, V], step) -> tokens [b]``."""
+                        pad_id: int, growth: Growth | None = None, shrink: tuple[int, ...] = ()) -> Decoded:
+    """The loop shared by greedy search and sampling; ``choose(logits [n, V], step) -> tokens [n]``."""
     max_lengths = _limits(max_lengths, max_decode_length)
     batch = max_lengths.shape[0]
+    if shrink and growth is not None:
+        raise ValueError("shrink and growth cannot be combined: a grown cache would need a loop per stage")
+    if any(not 0 < size < batch for size in shrink) or list(shrink) != sorted(shrink, reverse=True):
+        raise ValueError(f"shrink must be decreasing row counts below the batch's {batch}, got {shrink}")
     state = dict(
         step=jnp.zeros((), jnp.int32),
         tokens=jnp.full((batch, max_decode_length), pad_id, jnp.int32),
@@ -132,29 +164,35 @@ def _one_token_per_step(logits_fn: LogitsFn, cache: Any, max_lengths: jax.Array,
         done=max_lengths <= 0,
         lengths=jnp.zeros((batch,), jnp.int32),
         log_probs=jnp.zeros((batch,), jnp.float32),
+        max_lengths=max_lengths,
+        row=jnp.arange(batch, dtype=jnp.int32),
         cache=cache,
     )
 
     def advance(state):
         step, done = state["step"], state["done"]
         logits, cache = logits_fn(state["last"][:, None], state["cache"])
-        logits = logits.reshape(batch, -1).astype(jnp.float32)
+        logits = logits.reshape(logits.shape[0], -1).astype(jnp.float32)
         token = choose(logits, step).astype(jnp.int32)
         # log_softmax(logits)[token], without writing out the whole normalized array.
         log_prob = (jnp.take_along_axis(logits, token[:, None], axis=-1)[:, 0]
                     - jax.nn.logsumexp(logits, axis=-1))
         token = jnp.where(done, pad_id, token)
         return dict(
+            state,
             step=step + 1,
             tokens=jax.lax.dynamic_update_slice(state["tokens"], token[:, None], (0, step)),
             last=token,
-            done=done | (token == eos_id) | (step + 1 >= max_lengths),
+            done=done | (token == eos_id) | (step + 1 >= state["max_lengths"]),
             lengths=state["lengths"] + (~done).astype(jnp.int32),
             log_probs=state["log_probs"] + jnp.where(done, 0.0, log_prob),
             cache=cache,
         )
 
-    state = _search_loop(advance, state, max_decode_length, growth)
+    if shrink:
+        state = _shrinking_loop(advance, state, max_decode_length, shrink, ("tokens", "lengths", "log_probs"))
+    else:
+        state = _search_loop(advance, state, max_decode_length, growth)
     return Decoded(state["tokens"], state["lengths"], state["log_probs"], state["log_probs"])
 
 
@@ -167,15 +205,19 @@ def first_argmax(logits: jax.Array) -> jax.Array:
 
 
 def greedy(logits_fn: LogitsFn, cache: Any, max_lengths: jax.Array, max_decode_length: int, *,
-           start_id: int = 0, eos_id: int = 1, pad_id: int = 0, growth: Growth | None = None) -> Decoded:
+           start_id: int = 0, eos_id: int = 1, pad_id: int = 0, growth: Growth | None = None,
+           shrink: tuple[int, ...] = ()) -> Decoded:
     """Greedy search: at each step every row takes its most probable token (the lowest id on a tie).
 
     ``cache`` is the initial cache for ``b = len(max_lengths)`` rows; ``max_lengths [b]`` bounds each row's
     output; ``max_decode_length`` is the static output width. See the module docstring for conventions.
+    ``shrink``, decreasing row counts such as ``(b // 4, b // 16)``, drops finished rows: once no more rows
+    than the next count are still going, the search goes on with that many (see ``_shrinking_loop``; every
+    leaf of the cache with ``b`` rows is taken as per-row). The results are the same.
     """
     return _one_token_per_step(logits_fn, cache, max_lengths, max_decode_length,
                                lambda logits, step: first_argmax(logits), start_id=start_id,
-                               eos_id=eos_id, pad_id=pad_id, growth=growth)
+                               eos_id=eos_id, pad_id=pad_id, growth=growth, shrink=shrink)
 
 
 def filter_logits(logits: jax.Array, *, temperature: float = 1.0, top_k: int = 0,
@@ -404,7 +446,7 @@ def decode_batch(model: Transformer, variables: Any, inputs: jax.Array, *, metho
                  beam_size: int = 4, alpha: float = 0.6, temperature: float = 1.0, top_k: int = 0,
                  top_p: float = 1.0, rng: jax.Array | None = None, max_decode_length: int | None = None,
                  extra_length: int = 50, eos_id: int = 1, first_cache_length: int = 32,
-                 memory: Any = None) -> Decoded:
+                 memory: Any = None, min_rows: int = 8) -> Decoded:
     """Translates a batch of padded sources ``inputs [b, s]`` with a :class:`Transformer`.
 
     ``variables`` is ``{'params': ...}`` (or the params themselves). ``method`` is ``'greedy'``, ``'beam'``
@@ -413,9 +455,11 @@ def decode_batch(model: Transformer, variables: Any, inputs: jax.Array, *, metho
     the output width is ``max_decode_length``, by default ``s + extra_length``. Returns
     :class:`Decoded` with ``tokens [b, max_decode_length]``. The first ``first_cache_length`` steps run on
     a self-attention cache of that length, grown to the full width only if some sentence needs more steps
-    (see :class:`Growth`; 0 starts at full width): the results are the same, sooner. ``memory`` is what
-    :func:`encode_memory` returns for ``inputs``, when the caller has it (``evaluation.make_decode_fn``
-    encodes each batch at its own width).
+    (see :class:`Growth`; 0 starts at full width). Greedy search on a batch of ``b >= 4 * min_rows`` rows
+    instead drops finished rows, going on with ``b // 4``, then ``b // 16``... (down to ``min_rows``) rows
+    as they finish, on a full-width cache (see :func:`greedy`; 0 never drops rows). Either way the results
+    are the same, sooner. ``memory`` is what :func:`encode_memory` returns for ``inputs``, when the caller
+    has it (``evaluation.make_decode_fn`` encodes each batch at its own width).
 
     Jit it by closing over the static arguments, e.g.
     ``jax.jit(lambda v, x: decode_batch(model, v, x, method='beam'))``, with shardings if wanted.
@@ -437,6 +481,11 @@ def decode_batch(model: Transformer, variables: Any, inputs: jax.Array, *, metho
 
     if memory is None:
         memory = encode_memory(model, variables, inputs)  # Cross-attention keys/values: once per sentence.
+    shrink = []
+    while method == "greedy" and min_rows > 0 and (shrink[-1] if shrink else inputs.shape[0]) // 4 >= min_rows:
+        shrink.append((shrink[-1] if shrink else inputs.shape[0]) // 4)
+    if shrink:
+        return _greedy_shrinking(model, variables, inputs, memory, max_lengths, width, tuple(shrink), eos_id)
     first = min(first_cache_length, width) if first_cache_length > 0 else width
     cache = _step_cache(model, variables, memory, inputs.shape[0], inputs.shape[1], first)
     if method == "beam":
@@ -466,3 +515,33 @@ def decode_batch(model: Transformer, variables: Any, inputs: jax.Array, *, metho
         return beam_search(logits_fn, cache, max_lengths, width, beam_size=beam_size, alpha=alpha, **common)
     return sample(logits_fn, cache, max_lengths, width, rng, temperature=temperature, top_k=top_k,
                   top_p=top_p, **common)
+
+
+def _greedy_shrinking(model: Transformer, variables: Any, inputs: jax.Array, memory: Any, max_lengths: jax.Array,
+                      width: int, shrink: tuple[int, ...], eos_id: int) -> Decoded:
+    """Greedy search over a :class:`Transformer` that drops finished rows (``decode_batch``'s ``min_rows``).
+
+    The search carries the memory and the sources (for the padding mask) with the rows, so that dropping a
+    row drops them too, and runs on a full-width cache: a cache grown after some steps would need a loop
+    for every stage and cache length. On Multi30k's test_2016_flickr (1,000 sentences; batches of 128
+    rows going on with 32, then 8) a pass over the split took 2.5-3.1 s, 3.3-3.5 s without dropping rows
+    (later passes in one process); ``evaluate.py`` end to end with a warm compilation cache 4.0-4.4 s
+    against 4.6-4.8 s for batches of 32 with the short first cache (4 of 5 alternating rounds).
+    """
+    cfg = model.config
+    cache = _step_cache(model, variables, memory, inputs.shape[0], inputs.shape[1], width)
+    carried = {"steps": cache, "memory": memory, "inputs": inputs}
+
+    def logits_fn(tokens, carried):
+        full = traverse_util.unflatten_dict({**traverse_util.flatten_dict(carried["steps"]),
+                                             **traverse_util.flatten_dict(carried["memory"])})
+        logits, mutated = model.apply({**variables, "cache": full}, None, carried["inputs"], tokens, decode=True,
+                                      mutable=["cache"], method=Transformer.decode)
+        fixed = traverse_util.flatten_dict(carried["memory"])
+        steps = traverse_util.unflatten_dict({path: leaf for path, leaf in
+                                              traverse_util.flatten_dict(mutated["cache"]).items()
+                                              if path not in fixed})
+        return logits[:, -1], {**carried, "steps": steps}
+
+    return greedy(logits_fn, carried, max_lengths, width, start_id=cfg.decoder_start_id, eos_id=eos_id,
+                  pad_id=cfg.pad_id, shrink=shrink)

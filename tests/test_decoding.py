@@ -256,6 +256,26 @@ def test_sources_encoded_at_their_own_width_decode_the_same(method):
     np.testing.assert_allclose(with_memory.scores, alone.scores, rtol=1e-5)
 
 
+def test_dropping_finished_rows_changes_nothing():
+    """Greedy search on 16 rows (the 4 sentences in every order-shifted copy, with 4 all-pad fillers in place of
+    one copy) going on with 4 rows, then 1, as rows finish: every row as in the plain batch."""
+    rows = np.concatenate([np.roll(INPUTS, k, axis=0) for k in range(3)] + [np.zeros_like(INPUTS)])
+    shrinking = decode(rows, method="greedy", min_rows=1)  # 16 -> 4 -> 1 rows.
+    plain = decode(rows, method="greedy", min_rows=0)
+    np.testing.assert_array_equal(shrinking.tokens, plain.tokens)
+    np.testing.assert_array_equal(shrinking.lengths, plain.lengths)
+    np.testing.assert_allclose(shrinking.scores, plain.scores, rtol=1e-5)
+    alone = greedy_batch()
+    np.testing.assert_array_equal(shrinking.tokens[:12], np.concatenate([np.roll(alone.tokens, k, axis=0)
+                                                                         for k in range(3)]))
+    assert not shrinking.tokens[12:].any()
+    # The loop bodies: one per row count (16, 4, 1), none of them growing a cache.
+    model, variables = tiny()
+    jaxpr = jax.make_jaxpr(lambda v, x: decoding.decode_batch(model, v, x, method="greedy", min_rows=1,
+                                                              extra_length=EXTRA))(variables, rows).jaxpr
+    assert len(list(while_bodies(jaxpr))) == 3
+
+
 @pytest.mark.parametrize("method", ["greedy", "beam"])
 def test_all_pad_rows_emit_nothing(method):
     """The filler rows of a last, partial batch are finished from the start; the real rows are unchanged."""
@@ -305,6 +325,21 @@ def run_core(search, transitions, vocab, batch, width, **kwargs):
     rows = batch * kwargs.get("beam_size", 1)
     limits = jnp.full((batch,), width)
     return jax.tree_util.tree_map(np.asarray, search(logits_fn, cache(rows), limits, width, **kwargs)), log_table
+
+
+def test_greedy_core_drops_finished_rows_with_the_same_results():
+    # Greedy goes 0 -> 2 -> 3 -> ... and never picks EOS, so each row runs to its own limit (1 to 9 tokens).
+    chain = {0: {2: 0.6, 1: 0.4}, **{t: {t + 1: 0.6, 1: 0.4} for t in range(2, 11)}}
+    logits_fn, cache, _ = markov(chain, 12)
+    limits = jnp.arange(32) % 9 + 1
+    run = lambda shrink: jax.tree_util.tree_map(np.asarray, jax.jit(  # noqa: E731
+        lambda c: decoding.greedy(logits_fn, c, limits, 9, shrink=shrink))(cache(32)))
+    plain, shrinking = run(()), run((8, 2))
+    np.testing.assert_array_equal(plain.lengths, limits)
+    for got, want in zip(shrinking, plain):
+        np.testing.assert_array_equal(got, want)
+    with pytest.raises(ValueError, match="decreasing"):
+        decoding.greedy(logits_fn, cache(32), limits, 9, shrink=(2, 8))
 
 
 def test_beam_search_finds_the_sequence_greedy_misses():
