@@ -407,9 +407,24 @@ def init_cache(model: Transformer, variables: Any, encoded: jax.Array, max_decod
     self-attention keys/values and counters at zero."""
     _, mutated = model.apply(variables, encoded, method=Transformer.prime_cache, mutable=["cache"])
     memory = mutated["cache"]
-    steps = _step_cache(model, variables, memory, encoded.shape[0], encoded.shape[1], max_decode_length)
-    return traverse_util.unflatten_dict({**traverse_util.flatten_dict(steps),
-                                         **traverse_util.flatten_dict(memory)})
+    return _merge(_step_cache(model, variables, memory, encoded.shape[0], encoded.shape[1], max_decode_length),
+                  memory)
+
+
+def _merge(steps: Any, memory: Any) -> Any:
+    """The whole decoding cache from its two parts (see :func:`_step_cache`)."""
+    return traverse_util.unflatten_dict({**traverse_util.flatten_dict(steps), **traverse_util.flatten_dict(memory)})
+
+
+def _decoder_step(model: Transformer, variables: Any, memory: Any, inputs: jax.Array, tokens: jax.Array,
+                  steps: Any) -> tuple[jax.Array, Any]:
+    """One decoding step of ``tokens [n, 1]``: logits ``[n, V]`` and the new step cache (``memory`` is
+    read, never changed; ``inputs`` give the sources' padding mask)."""
+    logits, mutated = model.apply({**variables, "cache": _merge(steps, memory)}, None, inputs, tokens,
+                                  decode=True, mutable=["cache"], method=Transformer.decode)
+    fixed = traverse_util.flatten_dict(memory)
+    return logits[:, -1], traverse_util.unflatten_dict(
+        {path: leaf for path, leaf in traverse_util.flatten_dict(mutated["cache"]).items() if path not in fixed})
 
 
 def _step_cache(model: Transformer, variables: Any, memory: Any, rows: int, source_length: int,
@@ -481,9 +496,9 @@ def decode_batch(model: Transformer, variables: Any, inputs: jax.Array, *, metho
 
     if memory is None:
         memory = encode_memory(model, variables, inputs)  # Cross-attention keys/values: once per sentence.
-    shrink = []
-    while method == "greedy" and min_rows > 0 and (shrink[-1] if shrink else inputs.shape[0]) // 4 >= min_rows:
-        shrink.append((shrink[-1] if shrink else inputs.shape[0]) // 4)
+    shrink, size = [], inputs.shape[0] // 4
+    while method == "greedy" and 0 < min_rows <= size:
+        shrink, size = shrink + [size], size // 4
     if shrink:
         return _greedy_shrinking(model, variables, inputs, memory, max_lengths, width, tuple(shrink), eos_id)
     first = min(first_cache_length, width) if first_cache_length > 0 else width
@@ -493,15 +508,8 @@ def decode_batch(model: Transformer, variables: Any, inputs: jax.Array, *, metho
     # The memory never changes while decoding: logits_fn closes over it, so the search carries (and beam
     # search reorders at every step) only the self-attention cache. Reordering the memory too took a third
     # of beam search's time on a CPU.
-    constant = traverse_util.flatten_dict(memory)
-
     def logits_fn(tokens, cache):
-        full = traverse_util.unflatten_dict({**traverse_util.flatten_dict(cache), **constant})
-        logits, mutated = model.apply({**variables, "cache": full}, None, inputs, tokens, decode=True,
-                                      mutable=["cache"], method=Transformer.decode)
-        changed = traverse_util.flatten_dict(mutated["cache"])
-        return logits[:, -1], traverse_util.unflatten_dict(
-            {path: leaf for path, leaf in changed.items() if path not in constant})
+        return _decoder_step(model, variables, memory, inputs, tokens, cache)
 
     def grow(cache):  # Self-attention keys/values [n, h, first, d] -> [n, h, width, d]; counters unchanged.
         return jax.tree_util.tree_map(
@@ -533,15 +541,9 @@ def _greedy_shrinking(model: Transformer, variables: Any, inputs: jax.Array, mem
     carried = {"steps": cache, "memory": memory, "inputs": inputs}
 
     def logits_fn(tokens, carried):
-        full = traverse_util.unflatten_dict({**traverse_util.flatten_dict(carried["steps"]),
-                                             **traverse_util.flatten_dict(carried["memory"])})
-        logits, mutated = model.apply({**variables, "cache": full}, None, carried["inputs"], tokens, decode=True,
-                                      mutable=["cache"], method=Transformer.decode)
-        fixed = traverse_util.flatten_dict(carried["memory"])
-        steps = traverse_util.unflatten_dict({path: leaf for path, leaf in
-                                              traverse_util.flatten_dict(mutated["cache"]).items()
-                                              if path not in fixed})
-        return logits[:, -1], {**carried, "steps": steps}
+        logits, steps = _decoder_step(model, variables, carried["memory"], carried["inputs"], tokens,
+                                      carried["steps"])
+        return logits, {**carried, "steps": steps}
 
     return greedy(logits_fn, carried, max_lengths, width, start_id=cfg.decoder_start_id, eos_id=eos_id,
                   pad_id=cfg.pad_id, shrink=shrink)

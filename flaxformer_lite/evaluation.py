@@ -13,7 +13,6 @@ from typing import Any, Callable, Iterable
 
 from absl import logging
 import jax
-import jax.numpy as jnp
 import numpy as np
 import sacrebleu
 
@@ -96,10 +95,9 @@ def make_decode_fn(model: Transformer, cfg: DecodeConfig) -> Callable[[Any, np.n
     base_rng = jax.random.PRNGKey(cfg.seed)
 
     def run(params, inputs, batch_number):
-        params = params.get("params", params)
         width = inputs.shape[1]
         longest = int((inputs != model.config.pad_id).sum(1).max(initial=1))
-        used = min(width, -(-max(longest, 1) // 16) * 16)
+        used = min(width, -(-longest // 16) * 16)
         memory = encode(params, inputs[:, :used], width)
         return np.asarray(decode(params, inputs, memory, jax.random.fold_in(base_rng, batch_number)))
 
