@@ -13,7 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from flaxformer_lite.layers import DenseGeneral, dropout, matmul
+from flaxformer_lite.layers import DenseGeneral, dropout, einsum, matmul
 
 # Added to the logits of masked positions. The float32 minimum makes exp() underflow to exactly 0, so masked
 # keys get exactly zero weight, while a fully masked row stays finite (uniform) instead of NaN.
@@ -82,7 +82,7 @@ def dot_product_attention_weights(query: jax.Array, key: jax.Array, mask: jax.Ar
     depth = query.shape[-1]
     query = query / jnp.asarray(math.sqrt(depth), query.dtype)
     if _is_decoding_step(query, heads_first_kv):
-        logits = jnp.einsum("bhd,bhkd->bhk", query[:, 0].astype(jnp.float32), key.astype(jnp.float32))
+        logits = einsum("bhd,bhkd->bhk", query[:, 0].astype(jnp.float32), key.astype(jnp.float32))
         logits = logits[:, :, None, :]
     else:
         key_axes = "bhkd" if heads_first_kv else "bkhd"
@@ -120,7 +120,7 @@ def dot_product_attention(
             raise ValueError("attention dropout needs a dropout_rng when deterministic=False")
         probs = dropout(probs, dropout_rate, dropout_rng)
     if _is_decoding_step(query, heads_first_kv):
-        output = jnp.einsum("bhk,bhkd->bhd", probs[:, :, 0], value.astype(jnp.float32))
+        output = einsum("bhk,bhkd->bhd", probs[:, :, 0], value.astype(jnp.float32))
         output = output[:, None].astype(value.dtype)
     else:
         value_axes = "bhkd" if heads_first_kv else "bkhd"

@@ -65,8 +65,49 @@ def matmul(equation: str, x: jax.Array, y: jax.Array, dtype: str, out_dtype: str
 
 
 def _product(equation: str, x: jax.Array, y: jax.Array, dtype, out_dtype) -> jax.Array:
-    return jnp.einsum(equation, x.astype(dtype), y.astype(dtype),
-                      preferred_element_type=jnp.float32).astype(out_dtype)
+    return einsum(equation, x.astype(dtype), y.astype(dtype), jnp.float32).astype(out_dtype)
+
+
+def einsum(equation: str, x: jax.Array, y: jax.Array, preferred_element_type=None) -> jax.Array:
+    """``jnp.einsum(equation, x, y)``, as the very ``lax.dot_general`` (and transpose) it emits, for
+    equations whose every axis appears in two of the three terms.
+
+    ``jnp.einsum`` plans its contraction (opt_einsum) and enters a nested ``jit`` at every call, and the
+    model makes ~150 calls per traced decoder step: this form lowers a greedy decoder in half the time
+    (0.36 -> 0.15 s) into the same program. Same program matters: the operand order decides which products
+    XLA's CPU backend can run in bfloat16 at all (see ``_ordered_product``).
+    """
+    swap, dimension_numbers, permutation = _dot_plan(equation)
+    if swap:
+        x, y = y, x
+    result = jax.lax.dot_general(x, y, dimension_numbers, preferred_element_type=preferred_element_type)
+    return result if permutation is None else jax.lax.transpose(result, permutation)
+
+
+@functools.lru_cache(maxsize=None)
+def _dot_plan(equation: str) -> tuple[bool, tuple, tuple[int, ...] | None]:
+    """(swap the operands?, dot_general dimension numbers, output permutation or None), as ``jnp.einsum``
+    chooses them: batch axes in output order, contracted axes sorted; the first operand on the left unless
+    the other order needs no transpose."""
+    inputs, out = equation.split("->")
+    x_axes, y_axes = inputs.split(",")
+    for axis in x_axes + y_axes:
+        if (axis in x_axes) + (axis in y_axes) + (axis in out) < 2:
+            raise ValueError(f"einsum {equation!r}: axis {axis!r} must appear in two of its three terms")
+    contracted = sorted(a for a in x_axes if a in y_axes and a not in out)
+    batch = [a for a in out if a in x_axes and a in y_axes]
+    x_rest = [a for a in x_axes if a not in batch and a not in contracted]
+    y_rest = [a for a in y_axes if a not in batch and a not in contracted]
+
+    def dimension_numbers(left: str, right: str) -> tuple:
+        return (([left.index(a) for a in contracted], [right.index(a) for a in contracted]),
+                ([left.index(a) for a in batch], [right.index(a) for a in batch]))
+
+    if batch + x_rest + y_rest == list(out):
+        return False, dimension_numbers(x_axes, y_axes), None
+    names = batch + y_rest + x_rest
+    permutation = tuple(names.index(a) for a in out)
+    return True, dimension_numbers(y_axes, x_axes), (None if permutation == tuple(range(len(out))) else permutation)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
