@@ -57,7 +57,8 @@ def main(argv):
                                         max_examples=_MAX_EXAMPLES.value, longest_first=True)
     logging.info("Translating %s (%d examples) with checkpoint %s, %s", split, len(source), run.label,
                  decoding_label(decode_cfg))
-    decode_fn = evaluation.make_decode_fn(run.model, decode_cfg)
+    decode_fn = evaluation.make_decode_fn(run.model, decode_cfg,
+                                          compilation_cache.workdir_programs(_WORKDIR.value))
     metrics, rows = evaluation.evaluate_translations(
         decode_fn, run.params, eval_data, run.data.targets_tokenizer, run.config.dataset.target_lang,
         max_examples=_MAX_EXAMPLES.value)

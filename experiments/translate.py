@@ -35,7 +35,7 @@ def main(argv):
     cfg = _DECODE_CONFIG()
     compilation_cache.use_workdir_cache(_WORKDIR.value)
     run = trainer.restore_run(_WORKDIR.value, flags.FLAGS.checkpoint, flags.FLAGS.average_last)
-    decode_fn = evaluation.make_decode_fn(run.model, cfg)
+    decode_fn = evaluation.make_decode_fn(run.model, cfg, compilation_cache.workdir_programs(_WORKDIR.value))
     lines = _TEXT.value or [line.rstrip("\n") for line in sys.stdin]
     for start in range(0, len(lines), _BATCH):
         chunk = lines[start: start + _BATCH]

@@ -7,7 +7,6 @@ trainer (a slice of the validation split every few steps, which also picks the `
 from __future__ import annotations
 
 import dataclasses
-import functools
 import time
 from typing import Any, Callable, Iterable
 
@@ -16,7 +15,7 @@ import jax
 import numpy as np
 import sacrebleu
 
-from flaxformer_lite import decoding
+from flaxformer_lite import compilation_cache, decoding
 from flaxformer_lite.data import pipeline
 from flaxformer_lite.data import tokenizer as tokenizer_lib
 from flaxformer_lite.transformer import Transformer
@@ -71,35 +70,44 @@ def define_decode_flags() -> Callable[[], DecodeConfig]:
     return build
 
 
-def make_decode_fn(model: Transformer, cfg: DecodeConfig) -> Callable[[Any, np.ndarray, int], np.ndarray]:
+def make_decode_fn(model: Transformer, cfg: DecodeConfig, programs: compilation_cache.ProgramStore | None = None,
+                   ) -> Callable[[Any, np.ndarray, int], np.ndarray]:
     """A jitted ``(params, inputs [b, s], batch_number) -> tokens [b, L]`` for ``cfg``.
 
     The decoder compiles once per input shape; ``translate`` decodes a whole split at one shape
     (``decode_width``). The encoder runs on the batch's own sources only, cut to the next multiple of 16
     (one small compilation per such width): most batches are much shorter than the split's longest
     source. On Multi30k's test_2016_flickr (batches of 32, longest source 37 tokens) greedy search took
-    4.0 s this way and 4.7 s encoding every batch at full width.
+    4.0 s this way and 4.7 s encoding every batch at full width. With ``programs`` the compiled encoders
+    and decoder are saved there and loaded by later processes (see ``compilation_cache.ProgramStore``).
+    Sampling draws batch ``n`` with ``fold_in(PRNGKey(cfg.seed), n)``.
     """
+    encoders: dict[int, Callable] = {}
+    context = repr((model.config, cfg))
 
-    @functools.partial(jax.jit, static_argnames="width")
-    def encode(params, inputs, width):
-        return decoding.encode_memory(model, params, inputs, source_width=width)
+    def encoder(width):  # Encodes sources cut to their batch's longest, padded back to ``width``.
+        if width not in encoders:
+            encoders[width] = jax.jit(lambda params, inputs: decoding.encode_memory(model, params, inputs,
+                                                                                    source_width=width))
+        return encoders[width]
 
     @jax.jit
-    def decode(params, inputs, memory, rng):
+    def decode(params, inputs, memory, batch_number):
+        rng = jax.random.fold_in(jax.random.PRNGKey(cfg.seed), batch_number)
         return decoding.decode_batch(model, params, inputs, method=cfg.method, beam_size=cfg.beam_size,
                                      alpha=cfg.alpha, temperature=cfg.temperature, top_k=cfg.top_k,
                                      top_p=cfg.top_p, rng=rng, extra_length=cfg.extra_length,
                                      memory=memory).tokens
 
-    base_rng = jax.random.PRNGKey(cfg.seed)
+    def call(name, jitted, *args):
+        return jitted(*args) if programs is None else programs.call(name, jitted, *args, context=context)
 
     def run(params, inputs, batch_number):
         width = inputs.shape[1]
         longest = int((inputs != model.config.pad_id).sum(1).max(initial=1))
         used = min(width, -(-longest // 16) * 16)
-        memory = encode(params, inputs[:, :used], width)
-        return np.asarray(decode(params, inputs, memory, jax.random.fold_in(base_rng, batch_number)))
+        memory = call(f"encode{width}", encoder(width), params, inputs[:, :used])
+        return np.asarray(call("decode", decode, params, inputs, memory, np.int32(batch_number)))
 
     return run
 

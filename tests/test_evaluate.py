@@ -87,3 +87,16 @@ def test_evaluate_restores_the_best_checkpoint(trained_run):
     records = [json.loads(line) for line in (trained_run / "metrics.jsonl").read_text().splitlines()]
     scores = {r["step"]: r["eval/exact_match"] for r in records if "eval/exact_match" in r}
     assert scores[step] == max(scores.values())  # The run's own metric (config.checkpoint_best_metric).
+
+
+def test_evaluate_again_loads_its_compiled_programs(trained_run):
+    args = (f"--workdir={trained_run}", "--split=test[:12]", "--method=greedy", "--batch_size=4")
+    first = run("evaluate.py", *args)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "Stored compiled program" in first.stderr and "Loaded compiled program" not in first.stderr
+    (hypotheses,) = (trained_run / "eval").glob("test[[]:12]-*-greedy.txt")
+    translations = hypotheses.read_text()
+    again = run("evaluate.py", *args)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "Loaded compiled program" in again.stderr and "Stored compiled program" not in again.stderr
+    assert hypotheses.read_text() == translations
