@@ -16,6 +16,7 @@ import functools
 import hashlib
 import os
 import pickle
+import platform
 from typing import Any, Callable
 
 from absl import logging
@@ -59,7 +60,7 @@ class ProgramStore:
     over Multi30k's 1,000 test sentences; loading the stored programs instead took ~0.3 s.
 
     A program's key covers what can change it: the source files of this package, the versions of jax,
-    jaxlib and flax, the devices, ``XLA_FLAGS`` and JAX's configuration; ``context``, what the caller's
+    jaxlib and flax, the devices and the host CPU's features, ``XLA_FLAGS`` and JAX's configuration; ``context``, what the caller's
     function closes over (model and decoding settings); and the shapes, dtypes, shardings and structure of
     the arguments. Edit the model or change a flag and the key changes; an older file is simply not used.
 
@@ -141,6 +142,16 @@ def _environment() -> str:
                     source.update(f.read())
     settings = sorted((k, v) for k, v in jax.config.values.items()
                       if not k.startswith(("jax_compilation_cache", "jax_persistent_cache")))
-    devices = [(d.platform, d.device_kind) for d in jax.devices()]
+    devices = [(d.platform, d.device_kind, d.client.platform_version) for d in jax.devices()]
     return repr((source.hexdigest(), jax.__version__, jaxlib.__version__, flax.__version__, devices,
-                 os.environ.get("XLA_FLAGS", ""), settings))
+                 _host_cpu(), os.environ.get("XLA_FLAGS", ""), settings))
+
+
+def _host_cpu() -> str:
+    """The host's instruction-set extensions: CPU programs are compiled for the machine they compile on,
+    and a workdir on a shared filesystem may be read from another."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            return next((line for line in f if line.startswith(("flags", "Features"))), platform.machine())
+    except OSError:
+        return f"{platform.machine()} {platform.processor()}"
