@@ -44,7 +44,6 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     decode_cfg = _DECODE_CONFIG()
-    compilation_cache.use_workdir_cache(_WORKDIR.value)
     run = trainer.restore_run(_WORKDIR.value, flags.FLAGS.checkpoint, flags.FLAGS.average_last,
                               _DATA_DIR.value)
     split = _SPLIT.value or run.config.eval_split

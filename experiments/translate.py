@@ -33,7 +33,6 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     cfg = _DECODE_CONFIG()
-    compilation_cache.use_workdir_cache(_WORKDIR.value)
     run = trainer.restore_run(_WORKDIR.value, flags.FLAGS.checkpoint, flags.FLAGS.average_last)
     decode_fn = evaluation.make_decode_fn(run.model, cfg, compilation_cache.workdir_programs(_WORKDIR.value))
     lines = _TEXT.value or [line.rstrip("\n") for line in sys.stdin]

@@ -7,8 +7,9 @@ A run's workdir holds everything needed to resume or evaluate it:
     checkpoints/     Orbax checkpoints: train state + data iterator state
     metrics.jsonl    one JSON object per logged step (train and eval metrics)
     tensorboard/     TensorBoard event files of the same metrics
-    compilation_cache/  XLA programs compiled for it, when run by the experiments/ scripts
-                     (flaxformer_lite.compilation_cache): a restart or an evaluation skips compiling them
+    compilation_cache/  XLA programs compiled for it (flaxformer_lite.compilation_cache): JAX's persistent
+                     cache of train.py, so a restart skips compiling; programs/ holds the whole decoding
+                     programs of evaluate.py and translate.py, which later evaluations load as they are
 
 ``train_and_evaluate`` resumes from the latest checkpoint when there is one, including the data iterator,
 so an interrupted run continues with exactly the batches an uninterrupted one would have seen. SIGTERM
