@@ -2,11 +2,11 @@
 store of whole compiled programs for evaluation.
 
 Tracing and compiling the decoder took ~3 s on a 2-core CPU, as long as translating a few hundred sentences
-with it; the train step longer. With JAX's cache, a resumed run and every evaluation after the first load
-their compiled programs from ``WORKDIR/compilation_cache`` instead (tracing and lowering still run). Keeping
-it in the workdir means it lives and dies with the run that needs it. A cache directory chosen by the user
-(``JAX_COMPILATION_CACHE_DIR`` or ``jax.config``) takes precedence. :class:`ProgramStore` goes one step
-further for the short decoding programs of ``evaluate.py`` and ``translate.py``: it skips tracing and
+with it; the train step longer. With JAX's cache (``train.py``), a resumed run loads its compiled programs
+from ``WORKDIR/compilation_cache`` instead (tracing and lowering still run). Keeping it in the workdir means
+it lives and dies with the run that needs it. A cache directory chosen by the user
+(``JAX_COMPILATION_CACHE_DIR`` or ``jax.config``) takes precedence. For the short decoding programs of
+``evaluate.py`` and ``translate.py``, :class:`ProgramStore` goes one step further: it skips tracing and
 lowering too.
 """
 
@@ -63,9 +63,9 @@ class ProgramStore:
     (median 3.1) end to end against 3.8-4.7 s (median 4.45), alternating six rounds.
 
     A program's key covers what can change it: the source files of this package, the versions of jax,
-    jaxlib and flax, the devices and the host CPU's features, ``XLA_FLAGS`` and JAX's configuration; ``context``, what the caller's
-    function closes over (model and decoding settings); and the shapes, dtypes, shardings and structure of
-    the arguments. Edit the model or change a flag and the key changes; an older file is simply not used.
+    jaxlib and flax, the devices and the host CPU's features, ``XLA_FLAGS`` and JAX's configuration;
+    ``context``, what the caller's function closes over (model and decoding settings); and the shapes,
+    dtypes, shardings and structure of the arguments. Edit the model or change a flag and the key changes; an older file is simply not used.
 
     A program that JAX's persistent cache supplied is used but not stored: on CPU such an executable
     serializes without its machine code (jax 0.10; the stored copy fails at its first call with "Function
@@ -100,7 +100,8 @@ class ProgramStore:
                                 type(error).__name__, error)
         hits_before = _persistent_cache_hits[0]
         program = jitted.lower(*args).compile()
-        devices = {d for sharding in jax.tree_util.tree_leaves(program.input_shardings) for d in sharding.device_set}
+        devices = {d for sharding in jax.tree_util.tree_leaves(program.input_shardings)
+                   for d in sharding.device_set}
         if _persistent_cache_hits[0] != hits_before or len(devices) != 1 or jax.process_count() > 1:
             return program
         os.makedirs(self.directory, exist_ok=True)

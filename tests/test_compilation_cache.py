@@ -105,8 +105,9 @@ print(ProgramStore(sys.argv[2]).call("f", f, x).tolist() if sys.argv[3] == "stor
 def test_programs_from_the_persistent_cache_are_used_but_not_stored(tmp_path):
     """Such executables serialize without their code on CPU: storing one would fail at its first call."""
     def compile_in_new_process(how):
-        result = subprocess.run([sys.executable, "-c", STORE, str(tmp_path / "jax"), str(tmp_path / "store"), how],
-                                capture_output=True, text=True, timeout=120, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+        result = subprocess.run([sys.executable, "-c", STORE, str(tmp_path / "jax"), str(tmp_path / "store"),
+                                 how], capture_output=True, text=True, timeout=120,
+                                env={**os.environ, "JAX_PLATFORMS": "cpu"})
         assert result.returncode == 0, result.stderr[-2000:]
         return result.stdout
 

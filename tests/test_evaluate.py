@@ -48,7 +48,7 @@ def test_training_logs_translation_metrics_and_keeps_the_best(trained_run):
     records = [json.loads(line) for line in (trained_run / "metrics.jsonl").read_text().splitlines()]
     decoded = [r for r in records if "eval/exact_match" in r]
     assert [r["step"] for r in decoded] == [3, 6] and all("eval/bleu" in r for r in decoded)
-    assert any((trained_run / "compilation_cache").iterdir())  # Reused by a restart or evaluate.py.
+    assert any((trained_run / "compilation_cache").iterdir())  # JAX's cache, reused by a restart.
 
 
 @pytest.mark.parametrize("flags", [["--method=greedy"], ["--beam_size=2", "--average_last=2"]])
