@@ -16,9 +16,10 @@ from absl import app, flags, logging
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # Run from a checkout.
 
-from flaxformer_lite import compilation_cache, evaluation, trainer  # noqa: E402
+from flaxformer_lite import compilation_cache, evaluation, storage  # noqa: E402
+from flaxformer_lite import run as run_lib  # noqa: E402
 from flaxformer_lite import config as config_lib  # noqa: E402
-from flaxformer_lite.data import pipeline  # noqa: E402
+from flaxformer_lite.data import datasets, pipeline  # noqa: E402
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory written by experiments/train.py.", required=True)
 _SPLIT = flags.DEFINE_string("split", None, "Split to translate; default: the run's eval_split.")
@@ -44,14 +45,14 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     decode_cfg = _DECODE_CONFIG()
-    run = trainer.restore_run(_WORKDIR.value, flags.FLAGS.checkpoint, flags.FLAGS.average_last,
+    run = run_lib.restore(_WORKDIR.value, flags.FLAGS.checkpoint, flags.FLAGS.average_last,
                               _DATA_DIR.value)
     split = _SPLIT.value or run.config.eval_split
     data_cfg = config_lib.build("data", run.config)
     batch_size = _BATCH.value or (_GREEDY_BATCH if decode_cfg.method == "greedy" else 0)
     if batch_size:
         data_cfg = data_cfg.__class__(**{**data_cfg.__dict__, "batch_size": batch_size})
-    source = trainer.datasets.load_split(config_lib.build("dataset", run.config), split, run.config.data_dir)
+    source = datasets.load_split(config_lib.build("dataset", run.config), split, run.config.data_dir)
     eval_data = pipeline.make_eval_data(source, run.data.inputs_tokenizer, run.data.targets_tokenizer, data_cfg,
                                         max_examples=_MAX_EXAMPLES.value, longest_first=True)
     logging.info("Translating %s (%d examples) with checkpoint %s, %s", split, len(source), run.label,
@@ -61,16 +62,12 @@ def main(argv):
     metrics, rows = evaluation.evaluate_translations(
         decode_fn, run.params, eval_data, run.data.targets_tokenizer, run.config.dataset.target_lang,
         max_examples=_MAX_EXAMPLES.value)
-    out_dir = os.path.join(_WORKDIR.value, "eval")
-    os.makedirs(out_dir, exist_ok=True)
-    stem = os.path.join(out_dir, f"{split}-{run.label}-{decoding_label(decode_cfg)}")
+    stem = run_lib.RunDir.of(_WORKDIR.value).eval / f"{split}-{run.label}-{decoding_label(decode_cfg)}"
     words = sum(len(h.split()) for _, _, h in rows)
     report = {"split": split, "checkpoint": run.label, "settings": vars(decode_cfg) | {"batch_size":
               data_cfg.batch_size}, **metrics, "hypothesis_words_per_sec": words / metrics["decode_seconds"]}
-    with open(stem + ".txt", "w", encoding="utf-8") as f:
-        f.writelines(h.replace("\n", " ") + "\n" for _, _, h in rows)
-    with open(stem + ".json", "w", encoding="utf-8") as f:
-        json.dump(report, f, indent=2, ensure_ascii=False)
+    storage.write(f"{stem}.txt", "".join(h.replace("\n", " ") + "\n" for _, _, h in rows))
+    storage.write(f"{stem}.json", json.dumps(report, indent=2, ensure_ascii=False))
     for source_text, reference, hypothesis in rows[:3]:
         logging.info("src: %s | ref: %s | hyp: %s", source_text, reference, hypothesis)
     print(f"{split} {run.label} {decoding_label(decode_cfg)}: BLEU {metrics['bleu']:.2f}  chrF {metrics['chrf']:.2f}"

@@ -13,7 +13,7 @@ from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # Run from a checkout.
 
-from flaxformer_lite import compilation_cache, sharding, trainer  # noqa: E402
+from flaxformer_lite import compilation_cache, sharding, storage, trainer  # noqa: E402
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "scan.py")
 _CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "Experiment config file [:variant].",
@@ -33,7 +33,7 @@ def main(argv):
     sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     workdir = _WORKDIR.value or os.path.join(
         "workdir", os.path.splitext(os.path.basename(flags.FLAGS["config"].config_filename))[0])
-    logging.info("workdir: %s", os.path.abspath(workdir))
+    logging.info("workdir: %s", storage.as_path(workdir))
     compilation_cache.use_workdir_cache(workdir)
     metrics = trainer.train_and_evaluate(_CONFIG.value, workdir)
     print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))

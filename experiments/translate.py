@@ -12,7 +12,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # Run from a checkout.
 
-from flaxformer_lite import compilation_cache, evaluation, trainer  # noqa: E402
+from flaxformer_lite import compilation_cache, evaluation  # noqa: E402
+from flaxformer_lite import run as run_lib  # noqa: E402
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory written by experiments/train.py.", required=True)
 _TEXT = flags.DEFINE_multi_string("text", None, "Sentence(s) to translate; default: read stdin.")
@@ -33,7 +34,7 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     cfg = _DECODE_CONFIG()
-    run = trainer.restore_run(_WORKDIR.value, flags.FLAGS.checkpoint, flags.FLAGS.average_last)
+    run = run_lib.restore(_WORKDIR.value, flags.FLAGS.checkpoint, flags.FLAGS.average_last)
     decode_fn = evaluation.make_decode_fn(run.model, cfg, compilation_cache.workdir_programs(_WORKDIR.value))
     lines = _TEXT.value or [line.rstrip("\n") for line in sys.stdin]
     for start in range(0, len(lines), _BATCH):

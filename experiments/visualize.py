@@ -31,7 +31,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # Run from a checkout.
 
-from flaxformer_lite import plotting  # noqa: E402
+from flaxformer_lite import plotting, storage  # noqa: E402
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory written by experiments/train.py.", required=True)
 _TEXT = flags.DEFINE_string("text", None, "Source sentence whose attention maps to draw.")
@@ -82,9 +82,9 @@ def visualize_sentence(workdir: str, text: str, out_dir: str, *, checkpoint: str
                        extra_length: int = 50, top_asymmetries: int = 5) -> tuple[list[str], str]:
     """Translates ``text`` with the run in ``workdir`` and writes its attention maps and summary to
     ``out_dir``; returns (PNG paths, summary text)."""
-    from flaxformer_lite import trainer  # pylint: disable=import-outside-toplevel
+    from flaxformer_lite import run as run_lib  # pylint: disable=import-outside-toplevel
 
-    run = trainer.restore_run(workdir, checkpoint, average_last)
+    run = run_lib.restore(workdir, checkpoint, average_last)
     source_tok, target_tok = run.data.inputs_tokenizer, run.data.targets_tokenizer
     source_ids = source_tok.encode(text) + [source_tok.eos_id]
     inputs = np.array([source_ids], np.int32)
@@ -105,17 +105,18 @@ def visualize_sentence(workdir: str, text: str, out_dir: str, *, checkpoint: str
         "",
         plotting.attention_summary(maps, source_labels, decoder_labels, top_asymmetries=top_asymmetries),
     ])
-    with open(os.path.join(out_dir, "attention_summary.txt"), "w", encoding="utf-8") as f:
-        f.write(summary)
+    storage.write(storage.as_path(out_dir) / "attention_summary.txt", summary)
     return [path for path, _ in written], summary
 
 
 def visualize_curves(workdir: str, out_dir: str) -> str:
     """Writes ``curves.png`` from the run's ``metrics.jsonl``; returns its path."""
-    records = plotting.read_metrics(os.path.join(workdir, "metrics.jsonl"))
-    path = os.path.join(out_dir, "curves.png")
-    plotting.plot_curves(records, path, title=os.path.basename(os.path.normpath(workdir)))
-    return path
+    from flaxformer_lite import run as run_lib  # pylint: disable=import-outside-toplevel
+
+    run_dir = run_lib.RunDir.of(workdir)
+    path = storage.as_path(out_dir) / "curves.png"
+    plotting.plot_curves(plotting.read_metrics(run_dir.metrics), path, title=run_dir.root.name)
+    return str(path)
 
 
 def main(argv):
@@ -123,8 +124,11 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if not _TEXT.value and not _CURVES.value:
         raise app.UsageError("give --text=SENTENCE (attention maps) and/or --curves (training curves)")
-    out_dir = _OUT.value or os.path.join(_WORKDIR.value, "visualize")
-    os.makedirs(out_dir, exist_ok=True)
+    if _OUT.value:
+        out_dir = _OUT.value
+    else:
+        from flaxformer_lite import run as run_lib  # pylint: disable=import-outside-toplevel
+        out_dir = str(run_lib.RunDir.of(_WORKDIR.value).visualize)
     if _CURVES.value:
         path = visualize_curves(_WORKDIR.value, out_dir)
         logging.info("wrote %s", path)
@@ -135,7 +139,7 @@ def main(argv):
             method=_METHOD.value, beam_size=_BEAM.value, alpha=_ALPHA.value,
             extra_length=_EXTRA.value, top_asymmetries=_TOP.value)
         print(summary, flush=True)
-        for path in paths + [os.path.join(out_dir, "attention_summary.txt")]:
+        for path in paths + [str(storage.as_path(out_dir) / "attention_summary.txt")]:
             print(path, flush=True)
 
 

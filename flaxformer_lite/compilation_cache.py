@@ -26,15 +26,17 @@ from jax.experimental import serialize_executable
 import jaxlib
 import numpy as np
 
+from flaxformer_lite import run, storage
+
 _MIN_COMPILE_SECONDS = 0.2  # Programs that compile faster than this are not worth a file.
 
 
-def use_workdir_cache(workdir: str) -> str:
+def use_workdir_cache(workdir) -> str:
     """Points JAX's persistent compilation cache at ``workdir/compilation_cache`` unless one is set already;
     returns the directory in use. Call it before anything is compiled: JAX opens the cache once."""
     chosen = jax.config.jax_compilation_cache_dir
     if not chosen:
-        chosen = os.path.join(os.path.abspath(workdir), "compilation_cache")
+        chosen = str(run.RunDir.of(workdir).compilation_cache)
         jax.config.update("jax_compilation_cache_dir", chosen)
     if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
         # JAX's default (1 s) leaves out the encoder that evaluation compiles per source width (0.3-0.5 s
@@ -44,12 +46,12 @@ def use_workdir_cache(workdir: str) -> str:
     return chosen
 
 
-def workdir_programs(workdir: str) -> "ProgramStore":
+def workdir_programs(workdir) -> "ProgramStore":
     """The :class:`ProgramStore` of a run, ``workdir/compilation_cache/programs``, where ``evaluate.py`` and
     ``translate.py`` keep their decoding programs. They do not turn JAX's persistent cache on: a program it
     supplied could not be stored, and a run's cache already holds the decoders its first evaluations
     compiled, so with it on the store would never fill."""
-    return ProgramStore(os.path.join(os.path.abspath(workdir), "compilation_cache", "programs"))
+    return ProgramStore(run.RunDir.of(workdir).compilation_cache / "programs")
 
 
 class ProgramStore:
@@ -72,8 +74,8 @@ class ProgramStore:
     ... not found"). Only single-device programs are stored (evaluation's are).
     """
 
-    def __init__(self, directory: str):
-        self.directory = directory
+    def __init__(self, directory):
+        self.directory = storage.as_path(directory)
         self._programs: dict[str, Any] = {}
 
     def call(self, name: str, jitted: Callable, *args, context: str = "") -> Any:
@@ -85,11 +87,10 @@ class ProgramStore:
         return program(*args)
 
     def _load_or_compile(self, name: str, key: str, jitted: Callable, args: tuple) -> Any:
-        path = os.path.join(self.directory, f"{name}-{key[:24]}.jaxprogram")
-        if os.path.exists(path):
+        path = self.directory / f"{name}-{key[:24]}.jaxprogram"
+        if path.exists():
             try:
-                with open(path, "rb") as f:
-                    device_id, (payload, in_tree, out_tree) = pickle.load(f)
+                device_id, (payload, in_tree, out_tree) = pickle.loads(path.read_bytes())
                 device = {d.id: d for d in jax.devices()}[device_id]
                 program = serialize_executable.deserialize_and_load(payload, in_tree, out_tree,
                                                                     execution_devices=[device])
@@ -104,11 +105,8 @@ class ProgramStore:
                    for d in sharding.device_set}
         if _persistent_cache_hits[0] != hits_before or len(devices) != 1 or jax.process_count() > 1:
             return program
-        os.makedirs(self.directory, exist_ok=True)
-        partial = f"{path}.{os.getpid()}.tmp"
-        with open(partial, "wb") as f:
-            pickle.dump((devices.pop().id, serialize_executable.serialize(program)), f)
-        os.replace(partial, path)  # Whole or not at all, even if this process dies mid-write.
+        # Whole or not at all, even if this process dies mid-write.
+        storage.write(path, pickle.dumps((devices.pop().id, serialize_executable.serialize(program))))
         logging.info("Stored compiled program %s", path)
         return program
 

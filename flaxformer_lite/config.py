@@ -64,6 +64,9 @@ def default_config() -> ml_collections.ConfigDict:
     # Stop earlier, with a checkpoint and an evaluation, after this many seconds of training in one session
     # (evaluation and checkpointing not counted; a resumed run starts a new budget). 0: no limit.
     config.max_train_seconds = 0.0
+    # Multi-process runs agree every this many steps whether to stop early (SIGTERM on a host, time budget):
+    # a collective that waits for the step, so not every step. A single process decides after every step.
+    config.stop_check_every_steps = 10
     config.mesh_shape = (-1, 1, 1)  # Devices along ('data', 'fsdp', 'tensor'); -1 takes what is left.
     config.log_every_secs = 5.0  # Progress (loss, tokens/s, ETA) to the log at most this often.
     config.metrics_every_steps = 50  # Training metrics to metrics.jsonl / TensorBoard every this many steps.
@@ -118,7 +121,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if config.checkpoint_best_metric and config.checkpoint_every_steps % config.eval_every_steps:
         raise ValueError("config.checkpoint_best_metric needs checkpoint_every_steps to be a multiple of "
                          "eval_every_steps, so that every checkpoint has a metric")
-    for name in ("eval_every_steps", "checkpoint_every_steps", "metrics_every_steps", "keep_checkpoints"):
+    for name in ("eval_every_steps", "checkpoint_every_steps", "metrics_every_steps", "keep_checkpoints",
+                 "stop_check_every_steps"):
         if config[name] < 1:
             raise ValueError(f"config.{name} must be >= 1, got {config[name]}")
 

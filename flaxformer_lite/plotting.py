@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import io
 import json
 import math
 import os
@@ -43,6 +44,8 @@ from matplotlib import font_manager
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 import numpy as np
+
+from flaxformer_lite import storage
 
 CJK_FONT_PACKAGE = "fonts-wqy-microhei"  # Debian/Ubuntu package of the CJK font the project uses.
 _BASE_FAMILY = "DejaVu Sans"  # Matplotlib's bundled default; always present.
@@ -72,9 +75,9 @@ def _new_figure(width: float, height: float) -> Figure:
 def _save(figure: Figure, path: str | os.PathLike | None) -> None:
     if path is None:
         return
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    figure.savefig(path, format="png")
+    buffer = io.BytesIO()  # matplotlib writes local files only; the path may be on gs://.
+    figure.savefig(buffer, format="png")
+    storage.write(path, buffer.getvalue())
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -279,14 +282,13 @@ def write_attention_figures(maps: AttentionMaps, source_labels: Sequence[str], d
     (``'<s>'`` then the target tokens, shifted right). Files: ``encoder_self_layer<i>.png``,
     ``decoder_self_layer<i>.png``, ``cross_layer<i>.png`` in ``out_dir``.
     """
-    os.makedirs(out_dir, exist_ok=True)
     labels = {"source": list(source_labels), "decoder": list(decoder_labels)}
     written = []
     for prefix, field, title, row_name, col_name in _KINDS:
         rows = labels["source"] if field == "encoder_self" else labels["decoder"]
         cols = labels["decoder"] if field == "decoder_self" else labels["source"]
         for layer, weights in enumerate(getattr(maps, field)):
-            path = os.path.join(out_dir, f"{prefix}_layer{layer}.png")
+            path = str(storage.as_path(out_dir) / f"{prefix}_layer{layer}.png")
             figure = plot_attention_grid(weights[row], rows, cols, f"{title}, layer {layer}{title_suffix}",
                                          path, row_name=row_name, col_name=col_name)
             written.append((path, figure))
@@ -336,8 +338,7 @@ def attention_summary(maps: AttentionMaps, source_labels: Sequence[str], decoder
 def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
     """Records of a ``metrics.jsonl``; a line that does not parse (the partial last line of a run still
     writing) is skipped, with a warning when it is not the last one."""
-    with open(path, encoding="utf-8") as f:
-        lines = f.read().split("\n")
+    lines = storage.as_path(path).read_text(encoding="utf-8").split("\n")
     records = []
     for number, line in enumerate(lines):
         line = line.strip()

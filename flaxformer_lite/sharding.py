@@ -66,6 +66,20 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
                  jax.process_count(), jax.local_device_count(), jax.device_count())
 
 
+def all_processes_agree(ok: bool) -> bool:
+    """True only if ``ok`` holds on every process (a collective: every process must call it)."""
+    if jax.process_count() == 1:
+        return bool(ok)
+    from jax.experimental import multihost_utils
+
+    return bool(np.all(multihost_utils.process_allgather(np.asarray(ok, dtype=np.int32))))
+
+
+def any_process(flag: bool) -> bool:
+    """True if ``flag`` holds on some process (a collective: every process must call it)."""
+    return not all_processes_agree(not flag)
+
+
 def create_mesh(mesh_shape: Sequence[int] = (-1, 1, 1), devices: Sequence[jax.Device] | None = None) -> Mesh:
     """A ``('data', 'fsdp', 'tensor')`` mesh over all (or the given) devices; one entry may be -1."""
     devices = list(jax.devices() if devices is None else devices)

@@ -1,19 +1,10 @@
 """The training loop: data, vocabulary, model, mesh, checkpoints and logs of one run, in its workdir.
 
-A run's workdir holds everything needed to resume or evaluate it:
-
-    config.json      the resolved configuration (vocabulary size filled in)
-    vocab/           the tokenizer(s), trained on the training split at first use
-    checkpoints/     Orbax checkpoints: train state + data iterator state
-    metrics.jsonl    one JSON object per logged step (train and eval metrics)
-    tensorboard/     TensorBoard event files of the same metrics
-    compilation_cache/  XLA programs compiled for it (flaxformer_lite.compilation_cache): JAX's persistent
-                     cache of train.py, so a restart skips compiling; programs/ holds the whole decoding
-                     programs of evaluate.py and translate.py, which later evaluations load as they are
-
-``train_and_evaluate`` resumes from the latest checkpoint when there is one, including the data iterator,
-so an interrupted run continues with exactly the batches an uninterrupted one would have seen. SIGTERM
-(preemption) saves a checkpoint and returns cleanly.
+``train_and_evaluate`` resumes from the latest checkpoint when there is one, each process's data iterator
+included, so an interrupted run continues with exactly the batches an uninterrupted one would have seen.
+Stopping early is agreed by all processes: a SIGTERM (preemption) on any host, or the time budget running
+out on any, stops every host after the same step, which they save together before returning. The files of
+a run are laid out by :mod:`flaxformer_lite.run`.
 """
 
 from __future__ import annotations
@@ -21,11 +12,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import os
 import signal
 import threading
 import time
-from typing import Any, Iterator
+from typing import Iterator
 
 from absl import logging
 import jax
@@ -33,127 +23,46 @@ import ml_collections
 import numpy as np
 
 from flaxformer_lite import config as config_lib
-from flaxformer_lite import evaluation, sharding, training
-from flaxformer_lite.checkpointing import Checkpointer
-from flaxformer_lite.data import datasets, pipeline
-from flaxformer_lite.data import tokenizer as tokenizer_lib
-from flaxformer_lite.transformer import Transformer, TransformerConfig
-
-
-@dataclasses.dataclass
-class RunData:
-    """The data side of a run: sources, tokenizers and the resolved model config."""
-
-    train_source: Any
-    eval_source: Any
-    inputs_tokenizer: tokenizer_lib.Tokenizer
-    targets_tokenizer: tokenizer_lib.Tokenizer
-    model_config: TransformerConfig
-
-
-def prepare_data(config: ml_collections.ConfigDict, workdir: str) -> RunData:
-    """Builds (once) the dataset, loads or trains the vocabulary, and sizes the model to it."""
-    dataset = config_lib.build("dataset", config)
-    train_source = datasets.load_split(dataset, config.train_split, config.data_dir)
-    eval_source = datasets.load_split(dataset, config.eval_split, config.data_dir)
-    inputs_tok, targets_tok = tokenizer_lib.load_or_train_tokenizers(
-        config_lib.build("tokenizer", config), os.path.join(workdir, "vocab"), train_source)
-    if inputs_tok is targets_tok:
-        model_config = config_lib.build("model", config, vocab_size=inputs_tok.vocab_size)
-    else:
-        model_config = config_lib.build("model", config, vocab_size=inputs_tok.vocab_size,
-                                        output_vocab_size=targets_tok.vocab_size, share_embeddings=False)
-    return RunData(train_source, eval_source, inputs_tok, targets_tok, model_config)
-
-
-def load_run_config(workdir: str) -> ml_collections.ConfigDict:
-    """The configuration a run saved in its workdir (so evaluation needs no --config)."""
-    path = os.path.join(workdir, "config.json")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} not found: is {workdir} the workdir of a training run?")
-    with open(path) as f:
-        return config_lib.from_json(f.read())
-
-
-@dataclasses.dataclass
-class RestoredRun:
-    """A trained run, ready to translate: its config, data, model and the chosen parameters."""
-
-    config: ml_collections.ConfigDict
-    data: RunData
-    model: Transformer
-    params: Any
-    label: str  # Which checkpoint: "1500", "best-1200" or "avg5-1500" (averaged steps, newest last).
-
-
-def restore_run(workdir: str, checkpoint: str = "latest", average_last: int = 0,
-                data_dir: str | None = None) -> RestoredRun:
-    """Loads a run's saved config, vocabulary and parameters (``checkpoint``: latest, best or a step).
-
-    ``average_last=K`` averages the parameters of the K most recent checkpoints up to the chosen one, as
-    the paper does (5 for base, 20 for big). Parameters land on one device: decoding here is per sentence
-    batch and small enough; the decoding functions themselves also run sharded under ``jax.jit``.
-    """
-    config = load_run_config(workdir)
-    if data_dir:
-        config.data_dir = data_dir
-    data = prepare_data(config, workdir)
-    model = Transformer(data.model_config)
-    mesh = sharding.create_mesh((1, 1, 1), jax.devices()[:1])
-    abstract = training.abstract_params(model, mesh)
-    with Checkpointer(os.path.join(workdir, "checkpoints"), save_interval_steps=1, max_to_keep=None,
-                      best_metric=config.get("checkpoint_best_metric") or None) as ckpt:
-        steps = ckpt.all_steps()
-        if not steps:
-            raise FileNotFoundError(f"no checkpoints in {workdir}/checkpoints")
-        if checkpoint == "latest":
-            step, prefix = steps[-1], ""
-        elif checkpoint == "best":
-            step, prefix = ckpt.best_step(), "best-"
-            if step is None:
-                raise ValueError(f"{workdir} has no best checkpoint (the run tracked no metric)")
-        else:
-            if not checkpoint.isdigit() or int(checkpoint) not in steps:
-                raise ValueError(f"--checkpoint={checkpoint}: expected latest, best or one of {steps}")
-            step, prefix = int(checkpoint), ""
-        if average_last > 1:
-            chosen = [s for s in steps if s <= step][-average_last:]
-            if len(chosen) < average_last:
-                logging.warning("only %d checkpoints up to step %d to average (asked for %d): %s", len(chosen),
-                                step, average_last, chosen)
-            params = ckpt.restore_params_average(abstract, chosen)
-            label = f"{prefix}avg{len(chosen)}-{step}"
-        else:
-            params = ckpt.restore_params(abstract, step=step)
-            label = f"{prefix}{ckpt.last_restored_step}"
-    return RestoredRun(config, data, model, params, label)
+from flaxformer_lite import evaluation, sharding, storage, training
+from flaxformer_lite import run as run_lib
+from flaxformer_lite.checkpointing import CheckpointWriter
+from flaxformer_lite.data import pipeline
+from flaxformer_lite.transformer import Transformer
 
 
 class MetricsWriter:
-    """Appends metrics to ``metrics.jsonl`` and TensorBoard; only process 0 writes."""
+    """Appends metrics to ``metrics.jsonl`` and TensorBoard; only process 0 writes.
 
-    def __init__(self, workdir: str, resume_step: int):
+    Object stores cannot append to a file, so there the whole file is written again each time (a few
+    hundred kB for a long run); locally lines are appended.
+    """
+
+    def __init__(self, workdir, resume_step: int):
         self._active = jax.process_index() == 0
-        self._path = os.path.join(workdir, "metrics.jsonl")
+        self._path = run_lib.RunDir.of(workdir).metrics
         self._tensorboard = None
+        self._lines: list[str] = []
         if not self._active:
             return
-        if os.path.exists(self._path):
+        if self._path.exists():
             # Steps after the checkpoint we resume from will be trained (and logged) again: drop them so
             # that the file reads as one run.
-            with open(self._path) as f:
-                kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-            with open(self._path + ".tmp", "w") as f:
-                f.writelines(kept)
-            os.replace(self._path + ".tmp", self._path)
+            self._lines = [line + "\n" for line in self._path.read_text().splitlines()
+                           if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            storage.write(self._path, "".join(self._lines))
         from tensorboardX import SummaryWriter  # Imported here: only the writing process needs it.
-        self._tensorboard = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=resume_step + 1)
+        self._tensorboard = SummaryWriter(str(run_lib.RunDir.of(workdir).tensorboard), purge_step=resume_step + 1)
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
         if not self._active:
             return
-        with open(self._path, "a") as f:
-            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        line = json.dumps({"step": step, **metrics}) + "\n"
+        if storage.is_local(self._path):
+            with self._path.open("a") as f:
+                f.write(line)
+        else:
+            self._lines.append(line)
+            self._path.write_text("".join(self._lines))
         for name, value in metrics.items():
             if isinstance(value, (int, float)):
                 self._tensorboard.add_scalar(name, value, step)
@@ -164,22 +73,40 @@ class MetricsWriter:
             self._tensorboard.close()
 
 
-class _PreemptionFlag:
-    """Set by SIGTERM; the loop checks it between steps, saves, and returns."""
+class StopAgreement:
+    """Decides, the same way on every process, whether training stops early after a step.
 
-    def __init__(self):
-        self.requested = False
-        self._previous = None
+    A SIGTERM (preemption) on any host, or the time budget (``max_seconds`` of training on its own clock)
+    running out on any host, stops them all after the same step, so that they enter the collective save
+    together. Agreeing takes a collective that waits for the step to finish, so several processes agree
+    every ``every_steps`` steps only; one process decides after every step on its own.
+    """
+
+    def __init__(self, max_seconds: float, every_steps: int):
+        self._max_seconds, self._every_steps = max_seconds, every_steps
+        self._sigterm = False
+        self._previous_handler = None
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
+            self._previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
 
-    def _handle(self, signum, frame):
-        logging.warning("SIGTERM received: saving a checkpoint and stopping after this step.")
-        self.requested = True
+    def _on_sigterm(self, signum, frame):
+        logging.warning("SIGTERM received: saving a checkpoint and stopping.")
+        self._sigterm = True
 
-    def restore(self):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+    def check(self, step: int, training_seconds: float) -> str | None:
+        """``"preempted"``, ``"out_of_time"`` or ``None`` (go on), after ``step``."""
+        flags = np.array([self._sigterm, 0 < self._max_seconds <= training_seconds], np.int32)
+        if jax.process_count() > 1:
+            if step % self._every_steps:
+                return None
+            from jax.experimental import multihost_utils
+            flags = np.asarray(multihost_utils.process_allgather(flags)).reshape(-1, 2).max(axis=0)
+        return "preempted" if flags[0] else "out_of_time" if flags[1] else None
+
+    def close(self) -> None:
+        """Puts back the SIGTERM handler that was there before."""
+        if self._previous_handler is not None:
+            signal.signal(signal.SIGTERM, self._previous_handler)
 
 
 def evaluate_loss(evaluate, params, eval_data: pipeline.EvalData, mesh, max_batches: int = 0) -> dict[str, float]:
@@ -194,7 +121,7 @@ def evaluate_loss(evaluate, params, eval_data: pipeline.EvalData, mesh, max_batc
     return training.summarize(jax.device_get(totals))
 
 
-def _evaluate(config, eval_step, decode_fn, params, eval_data, decode_data, data: RunData, mesh,
+def _evaluate(config, eval_step, decode_fn, params, eval_data, decode_data, data: run_lib.RunData, mesh,
               step: int) -> dict:
     """Validation loss/accuracy on the eval split and, if configured, translation metrics on its start."""
     metrics = evaluate_loss(eval_step, params, eval_data, mesh, config.eval_max_batches)
@@ -235,20 +162,23 @@ def _check_batch(config: ml_collections.ConfigDict, mesh) -> None:
                          f"of mesh {dict(mesh.shape)}")
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict[str, float]:
     """Trains (or resumes) the run in ``workdir`` for ``config.num_train_steps``; returns the last metrics."""
     config_lib.validate(config)  # Before anything touches the workdir.
     mesh = sharding.create_mesh(tuple(config.mesh_shape))
     _check_batch(config, mesh)
-    os.makedirs(workdir, exist_ok=True)
+    with run_lib.RunLock(workdir):
+        return _train(config, workdir, mesh)
+
+
+def _train(config: ml_collections.ConfigDict, workdir, mesh) -> dict[str, float]:
+    run_dir = run_lib.RunDir.of(workdir)
     # Several processes: process 0 builds the dataset and trains the vocabulary, the others then read them.
-    data = _process_zero_first(lambda: prepare_data(config, workdir), "prepare_data")
+    data = _process_zero_first(lambda: run_lib.prepare_data(config, workdir), "prepare_data")
     config = ml_collections.ConfigDict(config.to_dict())  # Unlocked copy with the resolved model fields.
     config.model.update(dataclasses.asdict(data.model_config))
     if jax.process_index() == 0:
-        with open(os.path.join(workdir, "config.json.tmp"), "w") as f:
-            f.write(config_lib.to_json(config))
-        os.replace(os.path.join(workdir, "config.json.tmp"), os.path.join(workdir, "config.json"))
+        run_lib.save_config(workdir, config)
 
     model = Transformer(data.model_config)
     train_cfg = config_lib.build("train", config)
@@ -273,60 +203,56 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                               pipeline_cfg, process_index=0, process_count=1,
                                               max_examples=config.decode_eval_examples, longest_first=True)
 
-    checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"),
-                                save_interval_steps=config.checkpoint_every_steps,
-                                max_to_keep=config.keep_checkpoints, async_save=config.async_checkpoints,
-                                best_metric=config.checkpoint_best_metric or None)
-    if checkpointer.latest_step() is not None:
-        state, data_state, start_step = checkpointer.restore(abstract_state)
-        if data_state:
-            batches.set_state(data_state)
-        logging.info("Resumed from step %d in %s", start_step, workdir)
+    checkpoints = CheckpointWriter(run_dir.checkpoints, save_interval_steps=config.checkpoint_every_steps,
+                                   max_to_keep=config.keep_checkpoints, async_save=config.async_checkpoints,
+                                   best_metric=config.checkpoint_best_metric or None)
+    if checkpoints.latest_step() is not None:
+        state, start_step = checkpoints.restore(abstract_state, batches)
+        logging.info("Resumed from step %d in %s", start_step, run_dir.root)
     else:
         state, start_step = training.create_train_state(config.seed, model, optimizer, state_sharding), 0
-        logging.info("Starting a new run in %s", workdir)
+        logging.info("Starting a new run in %s", run_dir.root)
 
     writer = MetricsWriter(workdir, start_step)
-    preemption = _PreemptionFlag()
+    stopping = StopAgreement(config.max_train_seconds, config.stop_check_every_steps)
     progress = _Progress(start_step, config.num_train_steps,
                          training.learning_rate_schedule(train_cfg, data.model_config.d_model),
                          config.max_train_seconds)
     last_metrics: dict[str, float] = {}
     step = start_step
     try:
-        while step < config.num_train_steps and not preemption.requested:
+        while step < config.num_train_steps:
             state, metrics = train_step(state, sharding.shard_batch(next(batches), mesh))
             progress.add(metrics)
             step += 1
-            out_of_time = 0 < config.max_train_seconds <= progress.training_seconds()
-            is_last = step == config.num_train_steps or out_of_time
+            stop = stopping.check(step, progress.training_seconds())
+            is_last = step == config.num_train_steps or stop is not None
             if step % config.metrics_every_steps == 0 or is_last or progress.seconds_since_log() >= \
                     config.log_every_secs:
                 last_metrics = progress.log(step)
                 writer.write(step, last_metrics)
             with progress.paused():  # Evaluation and checkpointing don't count against training speed.
                 eval_metrics = {}
-                if step % config.eval_every_steps == 0 or is_last:
+                if step % config.eval_every_steps == 0 or (is_last and stop != "preempted"):
                     eval_metrics = _evaluate(config, eval_step, decode_fn, state.params, eval_data, decode_data,
                                              data, mesh, step)
                     writer.write(step, eval_metrics)
                     last_metrics.update(eval_metrics)
-                if checkpointer.should_save(step) or is_last:
-                    checkpointer.save(step, state, data_state=batches.get_state(), force=True,
-                                      metrics=eval_metrics or None)
-            if out_of_time:
+                if checkpoints.should_save(step) or is_last:
+                    checkpoints.save(step, state, data_iterator=batches, force=True, metrics=eval_metrics or None)
+            if stop == "out_of_time":
                 logging.info("Stopping at step %d: %.0f s of training reached config.max_train_seconds.",
                              step, progress.training_seconds())
                 break
-        if preemption.requested and step > start_step:
-            checkpointer.save(step, state, data_state=batches.get_state(), force=True)
-            logging.warning("Preempted: saved step %d; rerun the same command to resume.", step)
+            if stop == "preempted":
+                logging.warning("Preempted: saved step %d; rerun the same command to resume.", step)
+                break
     finally:
-        checkpointer.wait_until_finished()
-        checkpointer.close()
+        checkpoints.wait_until_finished()
+        checkpoints.close()
         writer.close()
-        preemption.restore()
-    logging.info("Done: step %d in %s (this session %.0f s).", step, workdir, progress.session_seconds())
+        stopping.close()
+    logging.info("Done: step %d in %s (this session %.0f s).", step, run_dir.root, progress.session_seconds())
     return {"step": step, **last_metrics}
 
 

@@ -43,6 +43,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # Run from a checkout.
 
 from flaxformer_lite import sweeps  # noqa: E402
+from flaxformer_lite import run as run_lib  # noqa: E402
 
 TRAIN = os.path.join(REPO, "experiments", "train.py")
 EVALUATE = os.path.join(REPO, "experiments", "evaluate.py")
@@ -159,13 +160,14 @@ class Sweep:
     # -------------------------------------------------------------------------------------- point state
 
     def trained(self, index: int) -> bool:
-        config = _read_json(os.path.join(self.workdir(index), "config.json"))
+        files = run_lib.RunDir.of(self.workdir(index))
+        config = _read_json(str(files.config))
         if not config:
             return False
-        return os.path.isdir(os.path.join(self.workdir(index), "checkpoints", str(config["num_train_steps"])))
+        return (files.checkpoints / str(config["num_train_steps"])).is_dir()
 
     def evaluated(self, index: int) -> bool:
-        return bool(glob.glob(os.path.join(self.workdir(index), "eval", "*.json")))
+        return bool(glob.glob(str(run_lib.RunDir.of(self.workdir(index)).eval / "*.json")))
 
     def finished(self, index: int) -> bool:
         return self.trained(index) and (not self.evaluate or self.evaluated(index))
@@ -274,7 +276,7 @@ def run_point(sweep: Sweep, index: int, children: _Children, env: dict | None = 
               time.time() - start)
         return status
 
-    resuming = os.path.isdir(os.path.join(workdir, "checkpoints"))
+    resuming = run_lib.RunDir.of(workdir).checkpoints.is_dir()
     logging.info("[%s] %s", name, "resuming" if resuming else "starting")
     train_log = os.path.join(workdir, "train.log")
     if not sweep.trained(index):
@@ -282,7 +284,7 @@ def run_point(sweep: Sweep, index: int, children: _Children, env: dict | None = 
         # found) the tfds dataset, which concurrent first builds of one data_dir would race on.
         code = children.run(sweep.train_command(index), train_log, env,
                             startup_lock=os.path.join(sweep.root, ".startup.lock"),
-                            started=os.path.join(workdir, "config.json"))
+                            started=str(run_lib.RunDir.of(workdir).config))
         if children.stopping:
             return finish("interrupted")
         if code != 0 or not sweep.trained(index):
@@ -306,7 +308,7 @@ def _metrics(workdir: str) -> tuple[dict[str, float], dict[str, list[float]], in
     series: dict[str, list[float]] = {}
     step = 0
     try:
-        with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
+        with open(run_lib.RunDir.of(workdir).metrics, encoding="utf-8") as f:
             for line in f:
                 try:
                     record = json.loads(line)
@@ -323,7 +325,7 @@ def _metrics(workdir: str) -> tuple[dict[str, float], dict[str, list[float]], in
 
 
 def _evaluate_metrics(workdir: str) -> dict[str, float]:
-    reports = sorted(glob.glob(os.path.join(workdir, "eval", "*.json")), key=os.path.getmtime)
+    reports = sorted(glob.glob(str(run_lib.RunDir.of(workdir).eval / "*.json")), key=os.path.getmtime)
     report = _read_json(reports[-1], {}) if reports else {}
     return {f"evaluate/{k}": float(v) for k, v in report.items()
             if k in ("bleu", "chrf", "exact_match") and isinstance(v, (int, float))}

@@ -21,7 +21,8 @@ import jax
 import numpy as np
 import pytest
 
-from flaxformer_lite import checkpointing, sharding, trainer, training
+from flaxformer_lite import run as run_lib
+from flaxformer_lite import sharding, training
 from flaxformer_lite.config import build
 from flaxformer_lite.data import pipeline
 from flaxformer_lite.transformer import Transformer
@@ -76,8 +77,8 @@ def data_dir(tmp_path_factory):
 
 def reference_run(workdir, steps):
     """1 process x 8 devices fed, each step, the concatenation of the two processes' batches."""
-    config = trainer.load_run_config(str(workdir))
-    data = trainer.prepare_data(config, str(workdir))  # Reads the vocabulary the 2-process run trained.
+    config = run_lib.load_config(workdir)
+    data = run_lib.prepare_data(config, workdir)  # Reads the vocabulary the 2-process run trained.
     model = Transformer(data.model_config)
     train_cfg = build("train", config)
     optimizer = training.make_optimizer(train_cfg, data.model_config.d_model)
@@ -99,14 +100,7 @@ def reference_run(workdir, steps):
 
 
 def saved_params(workdir, step):
-    config = trainer.load_run_config(str(workdir))
-    model = Transformer(build("model", config))
-    optimizer = training.make_optimizer(build("train", config), model.config.d_model)
-    mesh = sharding.create_mesh((1, 1, 1), jax.devices()[:1])
-    abstract, _ = training.state_shardings(model, optimizer, mesh)
-    with checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), save_interval_steps=1,
-                                    max_to_keep=None) as ckpt:
-        return jax.device_get(ckpt.restore_params(abstract.params, step=step))
+    return jax.device_get(run_lib.restore(workdir, str(step)).params)
 
 
 def test_two_processes_of_four_devices_match_one_process_of_eight(tmp_path, data_dir):

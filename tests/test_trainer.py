@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from ml_collections import config_flags  # noqa: F401  (the config files are plain modules)
 
-from flaxformer_lite import checkpointing, trainer, training
-from flaxformer_lite.transformer import Transformer
+from flaxformer_lite import run as run_lib
+from flaxformer_lite import trainer
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TRAIN = ROOT / "experiments" / "train.py"
@@ -46,14 +46,7 @@ def run_train(*args, timeout=240):
 
 
 def final_params(workdir, step):
-    config = trainer.load_run_config(str(workdir))
-    model = Transformer(trainer.config_lib.build("model", config))
-    optimizer = training.make_optimizer(trainer.config_lib.build("train", config), model.config.d_model)
-    mesh = training.sharding.create_mesh((1, 1, 1), jax.devices()[:1])
-    abstract, _ = training.state_shardings(model, optimizer, mesh)
-    with checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), save_interval_steps=1,
-                                    max_to_keep=None) as ckpt:
-        return jax.device_get(ckpt.restore_params(abstract.params, step=step))
+    return jax.device_get(run_lib.restore(workdir, str(step)).params)
 
 
 def test_train_script_runs_the_tiny_config_end_to_end(tmp_path, data_dir):

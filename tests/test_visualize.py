@@ -234,8 +234,8 @@ def test_visualize_sentence_end_to_end(tiny, monkeypatch, tmp_path):
     words = tokenizer_lib.WordTokenizer(list(tokenizer_lib._RESERVED) + [f"w{i}" for i in range(61)])
     run = types.SimpleNamespace(model=model, params=variables["params"], label="7",
                                 data=types.SimpleNamespace(inputs_tokenizer=words, targets_tokenizer=words))
-    from flaxformer_lite import trainer
-    monkeypatch.setattr(trainer, "restore_run", lambda workdir, checkpoint, average_last: run)
+    from flaxformer_lite import run as run_lib
+    monkeypatch.setattr(run_lib, "restore", lambda workdir, checkpoint, average_last: run)
     paths, summary = visualize.visualize_sentence("unused", "w1 w2 w3", str(tmp_path), method="greedy",
                                                   extra_length=3)
     assert len(paths) == 6 and all(pathlib.Path(p).exists() for p in paths)

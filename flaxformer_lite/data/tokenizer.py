@@ -26,7 +26,10 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from absl import logging
+from etils import epath
 import sentencepiece as spm
+
+from flaxformer_lite import storage
 
 PAD_ID = 0
 EOS_ID = 1
@@ -93,10 +96,11 @@ class Tokenizer(abc.ABC):
 class SentencePieceTokenizer(Tokenizer):
     """A trained SentencePiece model (``.model`` file)."""
 
-    def __init__(self, model_path: str, num_threads: int = 2):
+    def __init__(self, model_path, num_threads: int = 2):
         self.model_path = model_path
         self._num_threads = num_threads
-        self._sp = spm.SentencePieceProcessor(model_file=model_path)
+        # Read through epath (the file may be on gs://): SentencePiece itself opens local files only.
+        self._sp = spm.SentencePieceProcessor(model_proto=storage.as_path(model_path).read_bytes())
         ids = (self._sp.pad_id(), self._sp.eos_id(), self._sp.unk_id(), self._sp.bos_id())
         if ids != (PAD_ID, EOS_ID, UNK_ID, -1):
             raise ValueError(f"{model_path}: (pad, eos, unk, bos) ids are {ids}, expected (0, 1, 2, -1).")
@@ -140,13 +144,12 @@ class WordTokenizer(Tokenizer):
         return cls(list(_RESERVED) + ordered)
 
     @classmethod
-    def load(cls, path: str) -> WordTokenizer:
-        with open(path, encoding="utf-8") as f:
-            return cls(json.load(f)["words"])
+    def load(cls, path) -> WordTokenizer:
+        return cls(json.loads(storage.as_path(path).read_text(encoding="utf-8"))["words"])
 
-    def save(self, path: str) -> None:
-        """Writes the vocabulary atomically (temporary file, then rename)."""
-        _atomic_write_text(path, json.dumps({"words": self.words}, ensure_ascii=False, indent=0))
+    def save(self, path) -> None:
+        """Writes the vocabulary whole (no reader sees part of it)."""
+        storage.write(path, json.dumps({"words": self.words}, ensure_ascii=False, indent=0))
 
     @property
     def vocab_size(self) -> int:
@@ -157,20 +160,6 @@ class WordTokenizer(Tokenizer):
 
     def _decode_clean(self, ids: list[int]) -> str:
         return " ".join(self.words[i] if 0 <= i < len(self.words) else self.words[UNK_ID] for i in ids)
-
-
-def _atomic_write_text(path: str, text: str) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-" + os.path.basename(path))
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def to_text(value: Any) -> str:
@@ -228,19 +217,17 @@ def _settings(config: TokenizerConfig) -> dict[str, Any]:
     }
 
 
-def train_sentencepiece(texts: Sequence[str], model_path: str, config: TokenizerConfig) -> None:
-    """Trains a SentencePiece model on ``texts`` and writes ``model_path`` atomically.
+def train_sentencepiece(texts: Sequence[str], model_path, config: TokenizerConfig) -> None:
+    """Trains a SentencePiece model on ``texts`` and writes ``model_path`` (local or ``gs://``) whole.
 
-    Training happens in a temporary directory next to the target; only the finished ``.model`` is renamed
-    into place (``os.replace`` is atomic on one file system), the ``.vocab`` listing just before it.
+    Training happens in a local temporary directory; the finished ``.vocab`` listing, then the ``.model``,
+    are written to their places only when it is done.
     """
     if config.model_type not in ("unigram", "bpe"):
         raise ValueError(f"model_type must be 'unigram' or 'bpe', got {config.model_type!r}")
     if not texts:
         raise ValueError("no training text for SentencePiece")
-    directory = os.path.dirname(os.path.abspath(model_path))
-    os.makedirs(directory, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=directory, prefix=".tmp-spm-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="flaxformer-spm-") as tmp:
         prefix = os.path.join(tmp, "spm")
         spm.SentencePieceTrainer.train(
             sentence_iterator=iter(texts),
@@ -261,14 +248,14 @@ def train_sentencepiece(texts: Sequence[str], model_path: str, config: Tokenizer
             num_threads=config.num_threads,
             minloglevel=2,
         )
-        vocab_path = os.path.splitext(model_path)[0] + ".vocab"
-        os.replace(prefix + ".vocab", vocab_path)
-        os.replace(prefix + ".model", model_path)
+        model_path = storage.as_path(model_path)
+        storage.write(model_path.with_suffix(".vocab"), epath.Path(prefix + ".vocab").read_bytes())
+        storage.write(model_path, epath.Path(prefix + ".model").read_bytes())
 
 
 def load_or_train_tokenizer(
     config: TokenizerConfig,
-    directory: str,
+    directory,
     texts: Callable[[], Iterable[str]],
     name: str = "spm",
 ) -> Tokenizer:
@@ -287,18 +274,14 @@ def load_or_train_tokenizer(
     """
     if config.kind not in ("sentencepiece", "word"):
         raise ValueError(f"tokenizer kind must be 'sentencepiece' or 'word', got {config.kind!r}")
-    os.makedirs(directory, exist_ok=True)
+    directory = storage.as_path(directory)
     settings = _settings(config)
-    settings_path = os.path.join(directory, f"{name}.settings.json")
-    if config.kind == "word":
-        path = os.path.join(directory, f"{name}.json")
-    else:
-        path = os.path.join(directory, f"{name}.model")
+    settings_path = directory / f"{name}.settings.json"
+    path = directory / (f"{name}.json" if config.kind == "word" else f"{name}.model")
 
-    if os.path.exists(path):
-        if os.path.exists(settings_path):
-            with open(settings_path, encoding="utf-8") as f:
-                stored = json.load(f)
+    if path.exists():
+        if settings_path.exists():
+            stored = json.loads(settings_path.read_text(encoding="utf-8"))
             if stored != settings:
                 raise ValueError(
                     f"{path} was built with {stored}, but the config asks for {settings}; "
@@ -308,7 +291,7 @@ def load_or_train_tokenizer(
     else:
         start = time.time()
         # Settings first: a model file is then never without them (a crash before it lands just retrains).
-        _atomic_write_text(settings_path, json.dumps(settings, indent=1, sort_keys=True))
+        storage.write(settings_path, json.dumps(settings, indent=1, sort_keys=True))
         if config.kind == "word":
             WordTokenizer.build(texts()).save(path)
         else:
@@ -328,7 +311,7 @@ def load_or_train_tokenizer(
 
 
 def load_or_train_tokenizers(
-    config: TokenizerConfig, directory: str, train_source: Any
+    config: TokenizerConfig, directory, train_source: Any
 ) -> tuple[Tokenizer, Tokenizer]:
     """The (inputs, targets) tokenizers of a run, built from its training split on first use.
 

@@ -1,0 +1,232 @@
+"""A run's directory: where its files live, its saved config and data, the lock of a live run, and restoring
+it for evaluation.
+
+Every path goes through ``etils.epath``, so a local folder and ``gs://bucket/run`` behave the same. Layout::
+
+    config.json        the resolved configuration (vocabulary size filled in)
+    vocab/             the tokenizer(s), trained on the training split at first use
+    checkpoints/       Orbax checkpoints: train state + every process's data position (checkpointing.py)
+    metrics.jsonl      one JSON object per logged step (train and eval metrics)
+    tensorboard/       TensorBoard event files of the same metrics
+    compilation_cache/ compiled XLA programs (compilation_cache.py)
+    eval/              reports and hypotheses of evaluate.py
+    visualize/         attention maps and curves of visualize.py
+    train.lock         who is training in this directory now (RunLock)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import socket
+import threading
+import time
+from typing import Any
+
+from absl import logging
+from etils import epath
+import jax
+import ml_collections
+
+from flaxformer_lite import checkpointing, sharding, storage, training
+from flaxformer_lite import config as config_lib
+from flaxformer_lite.data import datasets
+from flaxformer_lite.data import tokenizer as tokenizer_lib
+from flaxformer_lite.transformer import Transformer, TransformerConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class RunDir:
+    """The files of one run, by name."""
+
+    root: epath.Path
+
+    @classmethod
+    def of(cls, workdir) -> RunDir:
+        return cls(storage.as_path(workdir))
+
+    config = property(lambda self: self.root / "config.json")
+    vocab = property(lambda self: self.root / "vocab")
+    checkpoints = property(lambda self: self.root / "checkpoints")
+    metrics = property(lambda self: self.root / "metrics.jsonl")
+    tensorboard = property(lambda self: self.root / "tensorboard")
+    compilation_cache = property(lambda self: self.root / "compilation_cache")
+    eval = property(lambda self: self.root / "eval")
+    visualize = property(lambda self: self.root / "visualize")
+    lock = property(lambda self: self.root / "train.lock")
+
+
+def save_config(workdir, config: ml_collections.ConfigDict) -> None:
+    storage.write(RunDir.of(workdir).config, config_lib.to_json(config))
+
+
+def load_config(workdir) -> ml_collections.ConfigDict:
+    """The configuration a run saved in its workdir (so evaluation needs no --config)."""
+    path = RunDir.of(workdir).config
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: is {workdir} the workdir of a training run?")
+    return config_lib.from_json(path.read_text())
+
+
+@dataclasses.dataclass
+class RunData:
+    """The data side of a run: sources, tokenizers and the resolved model config."""
+
+    train_source: Any
+    eval_source: Any
+    inputs_tokenizer: tokenizer_lib.Tokenizer
+    targets_tokenizer: tokenizer_lib.Tokenizer
+    model_config: TransformerConfig
+
+
+def prepare_data(config: ml_collections.ConfigDict, workdir) -> RunData:
+    """Builds (once) the dataset, loads or trains the run's vocabulary, and sizes the model to it."""
+    dataset = config_lib.build("dataset", config)
+    train_source = datasets.load_split(dataset, config.train_split, config.data_dir)
+    eval_source = datasets.load_split(dataset, config.eval_split, config.data_dir)
+    inputs_tok, targets_tok = tokenizer_lib.load_or_train_tokenizers(
+        config_lib.build("tokenizer", config), RunDir.of(workdir).vocab, train_source)
+    if inputs_tok is targets_tok:
+        model_config = config_lib.build("model", config, vocab_size=inputs_tok.vocab_size)
+    else:
+        model_config = config_lib.build("model", config, vocab_size=inputs_tok.vocab_size,
+                                        output_vocab_size=targets_tok.vocab_size, share_embeddings=False)
+    return RunData(train_source, eval_source, inputs_tok, targets_tok, model_config)
+
+
+@dataclasses.dataclass
+class RestoredRun:
+    """A trained run, ready to translate: its config, data, model and the chosen parameters."""
+
+    config: ml_collections.ConfigDict
+    data: RunData
+    model: Transformer
+    params: Any
+    label: str  # Which checkpoint: "1500", "best-1200" or "avg5-1500" (averaged steps, newest last).
+
+
+def restore(workdir, checkpoint: str = "latest", average_last: int = 0,
+            data_dir: str | None = None) -> RestoredRun:
+    """Loads a run's saved config, vocabulary and parameters for evaluation, translation or visualisation.
+
+    ``checkpoint`` is ``latest`` (the newest readable: a damaged one gives way to the one before, with a
+    warning), ``best`` or a step; ``average_last=K`` averages the K most recent checkpoints up to it.
+    Parameters land on one device.
+    """
+    config = load_config(workdir)
+    if data_dir:
+        config.data_dir = data_dir
+    data = prepare_data(config, workdir)
+    model = Transformer(data.model_config)
+    mesh = sharding.create_mesh((1, 1, 1), jax.devices()[:1])
+    params, label = checkpointing.restore_params(
+        RunDir.of(workdir).checkpoints, training.abstract_params(model, mesh), checkpoint,
+        best_metric=config.get("checkpoint_best_metric") or None, average_last=average_last)
+    return RestoredRun(config, data, model, params, label)
+
+
+class RunInUseError(RuntimeError):
+    """Another live training run holds the workdir."""
+
+
+class RunLock:
+    """Keeps a second training out of a workdir that a live run is writing.
+
+    Local folders use an exclusive ``flock`` on ``train.lock``, which the kernel drops when the holder dies
+    (``kill -9`` included), so a rerun after a crash just proceeds. Object stores have no locks: there the
+    file is a lease that the holder renews every ``renew_seconds``; a lease not renewed for ``3 *
+    renew_seconds`` (a dead run), or one left on this host by a process that no longer exists, is taken
+    over. Only process 0 takes it; every process learns the outcome, so all of them stop together.
+    """
+
+    def __init__(self, workdir, renew_seconds: float = 30.0):
+        self.path = RunDir.of(workdir).lock
+        self._renew_seconds = renew_seconds
+        self._fd: int | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._holder = {"host": socket.gethostname(), "pid": os.getpid()}
+
+    def __enter__(self) -> RunLock:
+        error = None
+        if jax.process_index() == 0:
+            try:
+                self._acquire()
+            except RunInUseError as e:
+                error = e
+        if not sharding.all_processes_agree(error is None):
+            raise error or RunInUseError(f"{self.path.parent} is in use by another training run (see the log of "
+                                         "process 0)")
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        if self._fd is not None:
+            import fcntl
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+        elif self._thread is not None:
+            self.path.unlink(missing_ok=True)
+
+    def _busy(self, holder: dict) -> RunInUseError:
+        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder.get("started", 0)))
+        return RunInUseError(
+            f"{self.path.parent} is in use by a live training run (host {holder.get('host')}, pid "
+            f"{holder.get('pid')}, since {since}): wait for it to finish or stop it, or train into another "
+            f"--workdir")
+
+    def _acquire(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        record = {**self._holder, "started": time.time()}
+        if storage.is_local(self.path):
+            import fcntl
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise self._busy(self._read()) from None
+            os.ftruncate(fd, 0)
+            os.write(fd, json.dumps(record).encode())
+            self._fd = fd
+            return
+        holder = self._read()
+        if holder and not self._stale(holder):
+            raise self._busy(holder)
+        record["token"] = f"{record['host']}:{record['pid']}:{record['started']}"
+        self._write(record)
+        if self._read().get("token") != record["token"]:  # Another run wrote its lease at the same moment.
+            raise self._busy(self._read())
+        self._thread = threading.Thread(target=self._renew, args=(record,), daemon=True, name="run-lease")
+        self._thread.start()
+
+    def _read(self) -> dict:
+        try:
+            return json.loads(self.path.read_text())
+        except (FileNotFoundError, ValueError):
+            return {}
+
+    def _write(self, record: dict) -> None:
+        self.path.write_text(json.dumps({**record, "renewed": time.time()}))
+
+    def _stale(self, holder: dict) -> bool:
+        if time.time() - holder.get("renewed", 0) > 3 * self._renew_seconds:
+            return True
+        if holder.get("host") == self._holder["host"]:
+            try:
+                os.kill(int(holder["pid"]), 0)
+            except ProcessLookupError:
+                return True
+            except (PermissionError, KeyError, ValueError):
+                return False
+        return False
+
+    def _renew(self, record: dict) -> None:
+        while not self._stop.wait(self._renew_seconds):
+            try:
+                self._write(record)
+            except Exception as e:  # noqa: BLE001 -- a storage hiccup must not kill training
+                logging.warning("Could not renew %s: %s", self.path, e)
