@@ -14,6 +14,7 @@ from ml_collections import config_flags
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # Run from a checkout.
 
 from flaxformer_lite import compilation_cache, sharding, storage, trainer  # noqa: E402
+from flaxformer_lite import run as run_lib  # noqa: E402
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "scan.py")
 _CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "Experiment config file [:variant].",
@@ -35,7 +36,11 @@ def main(argv):
         "workdir", os.path.splitext(os.path.basename(flags.FLAGS["config"].config_filename))[0])
     logging.info("workdir: %s", storage.as_path(workdir))
     compilation_cache.use_workdir_cache(workdir)
-    metrics = trainer.train_and_evaluate(_CONFIG.value, workdir)
+    try:
+        metrics = trainer.train_and_evaluate(_CONFIG.value, workdir)
+    except run_lib.RunInUseError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
     print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
 
 

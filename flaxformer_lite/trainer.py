@@ -241,8 +241,9 @@ def _train(config: ml_collections.ConfigDict, workdir, mesh) -> dict[str, float]
                 if checkpoints.should_save(step) or is_last:
                     checkpoints.save(step, state, data_iterator=batches, force=True, metrics=eval_metrics or None)
             if stop == "out_of_time":
-                logging.info("Stopping at step %d: %.0f s of training reached config.max_train_seconds.",
-                             step, progress.training_seconds())
+                logging.info("Stopping at step %d: the time budget (config.max_train_seconds=%g) ran out%s "
+                             "after %.0f s of training here.", step, config.max_train_seconds,
+                             " on some process" if jax.process_count() > 1 else "", progress.training_seconds())
                 break
             if stop == "preempted":
                 logging.warning("Preempted: saved step %d; rerun the same command to resume.", step)

@@ -3,12 +3,13 @@
 import json
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 
 import pytest
 
-from flaxformer_lite import evaluation
+from flaxformer_lite import checkpointing, evaluation
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = ROOT / "experiments" / "configs" / "tiny.py"
@@ -100,3 +101,19 @@ def test_evaluate_again_loads_its_compiled_programs(trained_run):
     assert again.returncode == 0, again.stderr[-3000:]
     assert "Loaded compiled program" in again.stderr and "Stored compiled program" not in again.stderr
     assert hypotheses.read_text() == translations
+
+
+def test_a_damaged_latest_checkpoint_gives_way_to_the_previous_one(trained_run, tmp_path):
+    workdir = tmp_path / "damaged"
+    shutil.copytree(trained_run, workdir)
+    assert checkpointing.all_steps(workdir / "checkpoints") == [3, 6]
+    data_files = [p for p in (workdir / "checkpoints" / "6" / "state" / "d").iterdir()]
+    assert data_files  # The arrays of step 6, which --checkpoint=latest reads first.
+    for path in data_files:
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    result = run("evaluate.py", f"--workdir={workdir}", "--split=test[:8]", "--method=greedy", "--batch_size=8",
+                 "--checkpoint=latest")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Could not restore the params from checkpoint step 6" in result.stderr
+    assert "test[:8] 3 greedy" in result.stdout  # The report names the checkpoint used.
+    assert checkpointing.all_steps(workdir / "checkpoints") == [3, 6]  # Evaluation deletes nothing.

@@ -14,15 +14,17 @@ import json
 import os
 import pathlib
 import socket
+import signal
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
 import pytest
 
 from flaxformer_lite import run as run_lib
-from flaxformer_lite import sharding, training
+from flaxformer_lite import checkpointing, sharding, training
 from flaxformer_lite.config import build
 from flaxformer_lite.data import pipeline
 from flaxformer_lite.transformer import Transformer
@@ -39,35 +41,67 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_processes(workdir, data_dir, num_processes, devices_per_process, *flags, timeout=300):
-    """Starts ``num_processes`` train.py processes like one per host would be; returns their (rc, log) pairs."""
-    env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_process}")
-    port = free_port()
-    procs = []
-    for index in range(num_processes):
-        log = open(workdir.parent / f"{workdir.name}.{index}.log", "w+")
-        command = [sys.executable, str(TRAIN), f"--config={TINY}", f"--workdir={workdir}",
-                   f"--config.data_dir={data_dir}", f"--config.num_train_steps={STEPS}",
-                   "--config.metrics_every_steps=1", "--config.eval_every_steps=3",
-                   "--config.checkpoint_every_steps=3", "--config.decode_eval_examples=4", *flags]
-        if num_processes > 1:
-            command += [f"--coordinator_address=localhost:{port}", f"--num_processes={num_processes}",
-                        f"--process_id={index}"]
-        procs.append((subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT), log))
-    results = []
-    try:
-        for proc, log in procs:
-            proc.wait(timeout=timeout)
-    finally:
-        for proc, log in procs:
+class Processes:
+    """``num_processes`` train.py processes on localhost, as one per host would be, each logging to a file.
+
+    Flags after the defaults win; ``per_process`` flags are given to one process only. Use as a context
+    manager: on leaving, a process still running is killed, so that a hang fails the test instead of
+    blocking it.
+    """
+
+    def __init__(self, workdir, data_dir, num_processes, devices_per_process, *flags, per_process=None,
+                 tag=""):
+        env = dict(os.environ, JAX_PLATFORMS="cpu",
+                   XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_process}")
+        port = free_port()
+        self.procs, self.logs = [], []
+        for index in range(num_processes):
+            path = workdir.parent / f"{workdir.name}{tag}.{index}.log"
+            command = [sys.executable, str(TRAIN), f"--config={TINY}", f"--workdir={workdir}",
+                       f"--config.data_dir={data_dir}", f"--config.num_train_steps={STEPS}",
+                       "--config.metrics_every_steps=1", "--config.eval_every_steps=3",
+                       "--config.checkpoint_every_steps=3", "--config.decode_eval_examples=4", *flags,
+                       *(per_process or {}).get(index, [])]
+            if num_processes > 1:
+                command += [f"--coordinator_address=localhost:{port}", f"--num_processes={num_processes}",
+                            f"--process_id={index}"]
+            with open(path, "w") as log:
+                self.procs.append(subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                                   cwd=ROOT))
+            self.logs.append(path)
+
+    def wait(self, timeout=300) -> list[tuple[int, str]]:
+        """Waits for every process; returns their (exit code, log) pairs."""
+        deadline = time.time() + timeout
+        for proc in self.procs:
+            proc.wait(timeout=max(deadline - time.time(), 1))
+        return [(proc.returncode, path.read_text()) for proc, path in zip(self.procs, self.logs)]
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        for proc in self.procs:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
-            log.seek(0)
-            results.append((proc.returncode, log.read()))
-            log.close()
-    return results
+
+
+def run_processes(workdir, data_dir, num_processes, devices_per_process, *flags, timeout=300, **kwargs):
+    """Runs the processes to the end; returns their (exit code, log) pairs."""
+    with Processes(workdir, data_dir, num_processes, devices_per_process, *flags, **kwargs) as processes:
+        return processes.wait(timeout)
+
+
+def wait_for(condition, processes: Processes, timeout=240, what=""):
+    """Polls ``condition()`` while every process is still running; fails if one ends or time runs out."""
+    deadline = time.time() + timeout
+    while not condition():
+        for proc, path in zip(processes.procs, processes.logs):
+            assert proc.poll() is None, f"a process ended (code {proc.returncode}) before {what}:\n" \
+                                        f"{path.read_text()[-3000:]}"
+        assert time.time() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
 
 
 @pytest.fixture(scope="module")
@@ -126,3 +160,100 @@ def test_two_processes_of_four_devices_match_one_process_of_eight(tmp_path, data
     np.testing.assert_allclose([r["train/loss"] for r in records if "train/loss" in r], losses, rtol=1e-5)
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
                            saved_params(workdir, STEPS), params)
+
+
+# ----------------------------------------------------------------------------------- surviving a cluster
+# Two processes of 4 devices on a split whose shards differ in size (256 and 255 examples), long enough to be
+# interrupted: a checkpoint every 5 steps (each a collective save), a metrics line every step, and an
+# agreement on stopping every 3 steps.
+LONG = 25
+LONG_FLAGS = ("--config.train_split=train[:511]", f"--config.num_train_steps={LONG}",
+              "--config.checkpoint_every_steps=5", "--config.keep_checkpoints=20", "--config.eval_every_steps=1000",
+              "--config.decode_eval_examples=0", "--config.checkpoint_best_metric=", "--config.model.dropout_rate=0.1",
+              "--config.stop_check_every_steps=3")
+
+
+def train_losses(workdir) -> dict[int, float]:
+    """Step -> training loss from metrics.jsonl, which must log every step once, in order (one run's log)."""
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in records if "train/loss" in r]
+    assert steps == list(range(1, len(steps) + 1)), steps
+    return {r["step"]: r["train/loss"] for r in records if "train/loss" in r}
+
+
+def assert_same_run(workdir, reference):
+    """Per-step losses and final parameters bit for bit those of the uninterrupted ``reference`` run."""
+    assert train_losses(workdir) == train_losses(reference)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, saved_params(workdir, LONG), saved_params(reference, LONG))
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, data_dir):
+    workdir = tmp_path_factory.mktemp("uninterrupted") / "run"
+    start = time.time()
+    results = run_processes(workdir, data_dir, 2, 4, *LONG_FLAGS)
+    for index, (code, log) in enumerate(results):
+        assert code == 0, f"process {index} failed:\n{log[-4000:]}"
+    print(f"uninterrupted 2-process run of {LONG} steps: {time.time() - start:.1f} s")
+    assert len(train_losses(workdir)) == LONG
+    return workdir
+
+
+@pytest.mark.xdist_group("uninterrupted")
+def test_both_processes_killed_then_rerun_match_the_uninterrupted_run(tmp_path, data_dir, uninterrupted):
+    workdir = tmp_path / "killed"
+    with Processes(workdir, data_dir, 2, 4, *LONG_FLAGS) as processes:
+        wait_for(lambda: (workdir / "checkpoints" / "5" / "commit_success.txt").exists(), processes,
+                 what="the first checkpoint")
+        for proc in processes.procs:  # The training processes themselves, still running (wait_for checked).
+            proc.send_signal(signal.SIGKILL)
+        killed = processes.wait(60)
+    assert [code for code, _ in killed] == [-signal.SIGKILL] * 2
+    assert all(f"step {LONG}/{LONG}" not in log for _, log in killed)  # Killed before the end.
+    results = run_processes(workdir, data_dir, 2, 4, *LONG_FLAGS, tag="-rerun")
+    resumed = set()
+    for index, (code, log) in enumerate(results):
+        assert code == 0, f"process {index} failed:\n{log[-4000:]}"
+        (line,) = [line for line in log.splitlines() if "Resumed from step" in line]
+        resumed.add(int(line.split("Resumed from step ")[1].split()[0]))
+    (step,) = resumed  # Both processes resumed from the same checkpoint, before the end.
+    assert 5 <= step < LONG and step % 5 == 0
+    assert_same_run(workdir, uninterrupted)
+
+
+@pytest.mark.xdist_group("uninterrupted")
+def test_sigterm_to_one_process_stops_both_after_the_same_step(tmp_path, data_dir, uninterrupted):
+    workdir = tmp_path / "preempted"
+    with Processes(workdir, data_dir, 2, 4, *LONG_FLAGS) as processes:
+        wait_for(lambda: (workdir / "metrics.jsonl").exists()
+                 and (workdir / "metrics.jsonl").read_text().count("\n") >= 2, processes, what="two steps")
+        processes.procs[1].send_signal(signal.SIGTERM)  # One host preempted; the other hears nothing.
+        results = processes.wait(120)
+    saved = set()
+    for index, (code, log) in enumerate(results):
+        assert code == 0, f"process {index} failed:\n{log[-4000:]}"
+        (line,) = [line for line in log.splitlines() if "Preempted: saved step" in line]
+        saved.add(int(line.split("saved step ")[1].split(";")[0]))
+    assert "SIGTERM received" in results[1][1] and "SIGTERM received" not in results[0][1]
+    (step,) = saved
+    assert step < LONG and step % 3 == 0  # Agreed at a check every 3 steps, before the end.
+    assert max(train_losses(workdir)) == step
+    assert step in checkpointing.all_steps(workdir / "checkpoints")
+    results = run_processes(workdir, data_dir, 2, 4, *LONG_FLAGS, tag="-rerun")
+    for index, (code, log) in enumerate(results):
+        assert code == 0, f"process {index} failed:\n{log[-4000:]}"
+        assert f"Resumed from step {step} " in log
+    assert_same_run(workdir, uninterrupted)
+
+
+def test_time_budget_of_one_process_stops_both_after_the_same_step(tmp_path, data_dir):
+    workdir = tmp_path / "budget"
+    # Process 0's budget runs out at its first step, process 1's never: both stop at the first agreement.
+    results = run_processes(workdir, data_dir, 2, 4, *LONG_FLAGS,
+                            per_process={0: ["--config.max_train_seconds=0.001"],
+                                         1: ["--config.max_train_seconds=100000"]})
+    for index, (code, log) in enumerate(results):
+        assert code == 0, f"process {index} failed:\n{log[-4000:]}"
+        assert "Stopping at step 3: the time budget" in log
+    assert checkpointing.all_steps(workdir / "checkpoints") == [3]
+    assert max(train_losses(workdir)) == 3

@@ -130,3 +130,30 @@ def test_bad_flags_fail_clearly_and_write_nothing(tmp_path, data_dir, flag, mess
     assert result.returncode != 0
     assert message in result.stderr
     assert not workdir.exists()
+
+
+def test_a_second_training_in_a_live_runs_workdir_refuses_and_names_it(tmp_path, data_dir):
+    workdir = tmp_path / "live"
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+    with open(tmp_path / "first.log", "w") as log:
+        first = subprocess.Popen(
+            [sys.executable, str(TRAIN), f"--config={TINY}", f"--workdir={workdir}", f"--config.data_dir={data_dir}",
+             "--config.num_train_steps=100000", "--config.checkpoint_every_steps=5",
+             "--config.eval_every_steps=100000"], stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+    try:
+        deadline = time.time() + 180
+        while not (workdir / "checkpoints" / "5" / "commit_success.txt").exists():
+            assert first.poll() is None and time.time() < deadline, (tmp_path / "first.log").read_text()[-3000:]
+            time.sleep(0.1)
+        second = run_train(f"--config={TINY}", f"--workdir={workdir}", f"--config.data_dir={data_dir}",
+                           "--config.seed=1", timeout=120)
+        assert first.poll() is None  # The first run was live all along.
+    finally:
+        first.send_signal(signal.SIGTERM)
+        first.wait(timeout=120)
+    assert second.returncode == 2, second.stderr[-3000:]
+    assert f"is in use by a live training run (host {os.uname().nodename}, pid {first.pid}" in second.stderr
+    assert "Traceback" not in second.stderr and "step 1/" not in second.stderr
+    assert first.returncode == 0, (tmp_path / "first.log").read_text()[-3000:]
+    saved = max(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+    assert run_lib.restore(workdir).label == str(saved)  # The first run's checkpoints stay restorable.
