@@ -50,7 +50,10 @@ class MetricsWriter:
             self._lines = [line + "\n" for line in self._path.read_text().splitlines()
                            if line.strip() and json.loads(line).get("step", 0) <= resume_step]
             storage.write(self._path, "".join(self._lines))
-        from tensorboardX import SummaryWriter  # Imported here: only the writing process needs it.
+        from tensorboardX import SummaryWriter, record_writer  # Imported here: only process 0 needs it.
+        # Event files on gs:// through epath, like every other file of a run (tensorboardX's own GCS
+        # writer would need google-cloud-storage and its credentials besides).
+        record_writer.register_writer_factory("gs", storage.WholeObjectWriterFactory())
         self._tensorboard = SummaryWriter(str(run_lib.RunDir.of(workdir).tensorboard), purge_step=resume_step + 1)
 
     def write(self, step: int, metrics: dict[str, float]) -> None:

@@ -139,7 +139,8 @@ def test_a_second_training_in_a_live_runs_workdir_refuses_and_names_it(tmp_path,
         first = subprocess.Popen(
             [sys.executable, str(TRAIN), f"--config={TINY}", f"--workdir={workdir}", f"--config.data_dir={data_dir}",
              "--config.num_train_steps=100000", "--config.checkpoint_every_steps=5",
-             "--config.eval_every_steps=100000"], stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+             "--config.eval_every_steps=100000", "--config.checkpoint_best_metric="],
+            stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
     try:
         deadline = time.time() + 180
         while not (workdir / "checkpoints" / "5" / "commit_success.txt").exists():
