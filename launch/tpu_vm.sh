@@ -23,7 +23,7 @@ case "$ACTION" in
     tar czf /tmp/flaxformer_lite.tgz --exclude=.venv --exclude=workdir --exclude=.git -C "$(dirname "$0")/.." .
     gcloud compute tpus tpu-vm scp /tmp/flaxformer_lite.tgz "$TPU":/tmp/ --zone="$ZONE" --worker=all
     ssh_all "mkdir -p $REPO_DIR && tar xzf /tmp/flaxformer_lite.tgz -C $REPO_DIR && cd $REPO_DIR && \
-      python3 -m venv .venv && .venv/bin/pip install -q -e . 'jax[tpu]'"
+      python3 -m venv .venv && .venv/bin/pip install -q -e '.[gcs]' 'jax[tpu]'"
     ;;
   train)
     ARGS=$(printf ' %q' "$@")
