@@ -187,46 +187,52 @@ def assert_same_run(workdir, reference):
     jax.tree_util.tree_map(np.testing.assert_array_equal, saved_params(workdir, LONG), saved_params(reference, LONG))
 
 
-@pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory, data_dir):
-    workdir = tmp_path_factory.mktemp("uninterrupted") / "run"
+def uninterrupted_run(workdir, data_dir):
     start = time.time()
     results = run_processes(workdir, data_dir, 2, 4, *LONG_FLAGS)
     for index, (code, log) in enumerate(results):
         assert code == 0, f"process {index} failed:\n{log[-4000:]}"
     print(f"uninterrupted 2-process run of {LONG} steps: {time.time() - start:.1f} s")
     assert len(train_losses(workdir)) == LONG
-    return workdir
 
 
-@pytest.mark.xdist_group("uninterrupted")
-def test_both_processes_killed_then_rerun_match_the_uninterrupted_run(tmp_path, data_dir, uninterrupted):
-    workdir = tmp_path / "killed"
-    with Processes(workdir, data_dir, 2, 4, *LONG_FLAGS) as processes:
-        wait_for(lambda: (workdir / "checkpoints" / "5" / "commit_success.txt").exists(), processes,
-                 what="the first checkpoint")
-        for proc in processes.procs:  # The training processes themselves, still running (wait_for checked).
-            proc.send_signal(signal.SIGKILL)
-        killed = processes.wait(60)
-    assert [code for code, _ in killed] == [-signal.SIGKILL] * 2
-    assert all(f"step {LONG}/{LONG}" not in log for _, log in killed)  # Killed before the end.
-    results = run_processes(workdir, data_dir, 2, 4, *LONG_FLAGS, tag="-rerun")
+def resumed_from(results) -> int:
+    """The step every process of a rerun says it resumed from (the same on all of them)."""
     resumed = set()
     for index, (code, log) in enumerate(results):
         assert code == 0, f"process {index} failed:\n{log[-4000:]}"
         (line,) = [line for line in log.splitlines() if "Resumed from step" in line]
         resumed.add(int(line.split("Resumed from step ")[1].split()[0]))
-    (step,) = resumed  # Both processes resumed from the same checkpoint, before the end.
+    (step,) = resumed
+    return step
+
+
+def test_interrupted_runs_resume_to_the_uninterrupted_run_bit_for_bit(tmp_path, data_dir):
+    """Both processes killed (kill -9), or one of them sent SIGTERM: the rerun ends where an uninterrupted
+    run does, with the same loss at every step and the same parameters. One test, so that the uninterrupted
+    reference (the expensive part) is trained once."""
+    reference = tmp_path / "uninterrupted"
+    uninterrupted_run(reference, data_dir)
+
+    # kill -9 of both processes after the first checkpoint.
+    killed = tmp_path / "killed"
+    with Processes(killed, data_dir, 2, 4, *LONG_FLAGS) as processes:
+        wait_for(lambda: (killed / "checkpoints" / "5" / "commit_success.txt").exists(), processes,
+                 what="the first checkpoint")
+        for proc in processes.procs:  # The training processes themselves, still running (wait_for checked).
+            proc.send_signal(signal.SIGKILL)
+        results = processes.wait(60)
+    assert [code for code, _ in results] == [-signal.SIGKILL] * 2
+    assert all(f"step {LONG}/{LONG}" not in log for _, log in results)  # Killed before the end.
+    step = resumed_from(run_processes(killed, data_dir, 2, 4, *LONG_FLAGS, tag="-rerun"))
     assert 5 <= step < LONG and step % 5 == 0
-    assert_same_run(workdir, uninterrupted)
+    assert_same_run(killed, reference)
 
-
-@pytest.mark.xdist_group("uninterrupted")
-def test_sigterm_to_one_process_stops_both_after_the_same_step(tmp_path, data_dir, uninterrupted):
-    workdir = tmp_path / "preempted"
-    with Processes(workdir, data_dir, 2, 4, *LONG_FLAGS) as processes:
-        wait_for(lambda: (workdir / "metrics.jsonl").exists()
-                 and (workdir / "metrics.jsonl").read_text().count("\n") >= 2, processes, what="two steps")
+    # SIGTERM to one process only, after two steps: both stop after the same step and save it.
+    preempted = tmp_path / "preempted"
+    with Processes(preempted, data_dir, 2, 4, *LONG_FLAGS) as processes:
+        wait_for(lambda: (preempted / "metrics.jsonl").exists()
+                 and (preempted / "metrics.jsonl").read_text().count("\n") >= 2, processes, what="two steps")
         processes.procs[1].send_signal(signal.SIGTERM)  # One host preempted; the other hears nothing.
         results = processes.wait(120)
     saved = set()
@@ -237,13 +243,10 @@ def test_sigterm_to_one_process_stops_both_after_the_same_step(tmp_path, data_di
     assert "SIGTERM received" in results[1][1] and "SIGTERM received" not in results[0][1]
     (step,) = saved
     assert step < LONG and step % 3 == 0  # Agreed at a check every 3 steps, before the end.
-    assert max(train_losses(workdir)) == step
-    assert step in checkpointing.all_steps(workdir / "checkpoints")
-    results = run_processes(workdir, data_dir, 2, 4, *LONG_FLAGS, tag="-rerun")
-    for index, (code, log) in enumerate(results):
-        assert code == 0, f"process {index} failed:\n{log[-4000:]}"
-        assert f"Resumed from step {step} " in log
-    assert_same_run(workdir, uninterrupted)
+    assert max(train_losses(preempted)) == step
+    assert step in checkpointing.all_steps(preempted / "checkpoints")
+    assert resumed_from(run_processes(preempted, data_dir, 2, 4, *LONG_FLAGS, tag="-rerun")) == step
+    assert_same_run(preempted, reference)
 
 
 def test_time_budget_of_one_process_stops_both_after_the_same_step(tmp_path, data_dir):
