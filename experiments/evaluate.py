@@ -45,8 +45,7 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     decode_cfg = _DECODE_CONFIG()
-    run = run_lib.restore(_WORKDIR.value, flags.FLAGS.checkpoint, flags.FLAGS.average_last,
-                              _DATA_DIR.value)
+    run = run_lib.restore(_WORKDIR.value, flags.FLAGS.checkpoint, flags.FLAGS.average_last, _DATA_DIR.value)
     split = _SPLIT.value or run.config.eval_split
     data_cfg = config_lib.build("data", run.config)
     batch_size = _BATCH.value or (_GREEDY_BATCH if decode_cfg.method == "greedy" else 0)

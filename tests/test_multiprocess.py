@@ -168,8 +168,9 @@ def test_two_processes_of_four_devices_match_one_process_of_eight(tmp_path, data
 # agreement on stopping every 3 steps.
 LONG = 25
 LONG_FLAGS = ("--config.train_split=train[:511]", f"--config.num_train_steps={LONG}",
-              "--config.checkpoint_every_steps=5", "--config.keep_checkpoints=20", "--config.eval_every_steps=1000",
-              "--config.decode_eval_examples=0", "--config.checkpoint_best_metric=", "--config.model.dropout_rate=0.1",
+              "--config.checkpoint_every_steps=5", "--config.keep_checkpoints=20",
+              "--config.eval_every_steps=1000", "--config.decode_eval_examples=0",
+              "--config.checkpoint_best_metric=", "--config.model.dropout_rate=0.1",
               "--config.stop_check_every_steps=3")
 
 
