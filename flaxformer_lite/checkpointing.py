@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
-from flaxformer_lite import sharding
+from flaxformer_lite import sharding, storage
 
 _STATE = "state"
 _DATA = "data"
@@ -69,12 +69,6 @@ def _short(error: BaseException) -> str:
     return text if len(text) <= _MAX_ERROR_CHARS else text[:_MAX_ERROR_CHARS] + " ..."
 
 
-def _path(directory) -> epath.Path:
-    """``directory`` as an epath (local or ``gs://``); local paths made absolute, as Orbax's writer needs."""
-    text = os.fspath(directory)
-    return epath.Path(text if "://" in text else os.path.abspath(text))
-
-
 def _metric_fn(best_metric: str, best_mode: str) -> Callable[[dict], float]:
     """Orbax's ``best_fn``: a missing or NaN metric ranks worst instead of breaking the sort."""
     worst = -math.inf if best_mode == "max" else math.inf
@@ -96,7 +90,7 @@ def _registry() -> ocp.handlers.DefaultCheckpointHandlerRegistry:
 
 
 def _manager(directory, options: ocp.CheckpointManagerOptions) -> ocp.CheckpointManager:
-    return ocp.CheckpointManager(_path(directory), options=options, handler_registry=_registry())
+    return ocp.CheckpointManager(storage.as_path(directory), options=options, handler_registry=_registry())
 
 
 def _reader(directory, best_metric: str | None = None, best_mode: str = "max") -> ocp.CheckpointManager:
@@ -178,7 +172,7 @@ def _first_readable(candidates: Sequence[int], read: Callable[[int], Any], what:
 
 def all_steps(directory) -> list[int]:
     """Committed steps in ``directory``, ascending (``[]`` if it does not exist)."""
-    if not _path(directory).exists():
+    if not storage.as_path(directory).exists():
         return []
     with _reader(directory) as manager:
         return sorted(int(s) for s in manager.all_steps())

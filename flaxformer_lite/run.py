@@ -17,6 +17,7 @@ Every path goes through ``etils.epath``, so a local folder and ``gs://bucket/run
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import json
 import os
 import socket
@@ -165,7 +166,6 @@ class RunLock:
         if self._thread is not None:
             self._thread.join()
         if self._fd is not None:
-            import fcntl
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
         elif self._thread is not None:
@@ -182,7 +182,6 @@ class RunLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         record = {**self._holder, "started": time.time()}
         if storage.is_local(self.path):
-            import fcntl
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
