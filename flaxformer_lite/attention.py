@@ -13,7 +13,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from flaxformer_lite.layers import DenseGeneral, dropout, einsum, matmul
+from flaxformer_lite.layers import DenseGeneral, constrain, dropout, einsum, matmul
+
+# Logical layout of per-head activations [batch, length, heads, head_dim] (see sharding.DEFAULT_AXIS_RULES).
+_HEADS = ("activation_batch", "activation_length", "activation_heads", "activation_kv")
 
 # Added to the logits of masked positions. The float32 minimum makes exp() underflow to exactly 0, so masked
 # keys get exactly zero weight, while a fully masked row stays finite (uniform) instead of NaN.
@@ -178,9 +181,9 @@ class MultiHeadAttention(nn.Module):
         with ``decode=True, static_kv=True`` may ``inputs_kv`` be ``None`` (read the cached memory) or
         ``inputs_q`` be ``None`` (only store the memory). ``static_kv`` has no effect without ``decode``.
         """
-        project = lambda name: DenseGeneral(  # noqa: E731  (three identical projections)
+        project = lambda name: lambda x: constrain(DenseGeneral(  # noqa: E731  (three identical projections)
             (self.num_heads, self.head_dim), ("embed",), ("heads", "kv"), use_bias=self.use_bias,
-            dtype=self.dtype, param_dtype=self.param_dtype, name=name)
+            dtype=self.dtype, param_dtype=self.param_dtype, name=name)(x), *_HEADS)
         if decode and static_kv and inputs_q is None:
             self._static_cache(inputs_kv, project)
             return None
@@ -205,6 +208,7 @@ class MultiHeadAttention(nn.Module):
             query, key, value, mask, dropout_rate=self.dropout_rate, dropout_rng=dropout_rng,
             deterministic=deterministic, return_weights=True, heads_first_kv=heads_first)
         self.sow("intermediates", "attention_weights", weights)
+        output = constrain(output, *_HEADS)
 
         return DenseGeneral((d_model,), ("heads", "kv"), ("embed",), use_bias=self.use_bias, dtype=self.dtype,
                             param_dtype=self.param_dtype, name="out")(output)

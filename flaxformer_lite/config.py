@@ -19,6 +19,7 @@ from typing import Any
 import ml_collections
 from ml_collections import config_dict
 
+from flaxformer_lite import sharding
 from flaxformer_lite.data.datasets import DatasetConfig
 from flaxformer_lite.data.pipeline import PipelineConfig
 from flaxformer_lite.data.tokenizer import TokenizerConfig
@@ -68,6 +69,10 @@ def default_config() -> ml_collections.ConfigDict:
     # a collective that waits for the step, so not every step. A single process decides after every step.
     config.stop_check_every_steps = 10
     config.mesh_shape = (-1, 1, 1)  # Devices along ('data', 'fsdp', 'tensor'); -1 takes what is left.
+    # Logical axis -> comma-separated mesh axes ("": replicated), for parameters and activations alike;
+    # the names and defaults are sharding.DEFAULT_AXIS_RULES'. E.g. --config.axis_rules.embed='' keeps
+    # parameters whole on every fsdp device.
+    config.axis_rules = ml_collections.ConfigDict(dict(sharding.DEFAULT_AXIS_RULES))
     config.log_every_secs = 5.0  # Progress (loss, tokens/s, ETA) to the log at most this often.
     config.metrics_every_steps = 50  # Training metrics to metrics.jsonl / TensorBoard every this many steps.
     config.eval_every_steps = 1000  # Validation loss/accuracy every this many steps (and at the end).
@@ -108,6 +113,11 @@ def build(section: str, config: ml_collections.ConfigDict, **replace: Any):
         raise ValueError(f"config.{section}: {error}") from error
 
 
+def axis_rules(config: ml_collections.ConfigDict) -> tuple:
+    """The run's logical-axis rules (``config.axis_rules``) in flax's form."""
+    return sharding.axis_rules(config.axis_rules.to_dict())
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
     """Builds every section once, so that a bad value fails before anything is written to disk."""
     for section in SECTIONS:
@@ -121,6 +131,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if config.checkpoint_best_metric and config.checkpoint_every_steps % config.eval_every_steps:
         raise ValueError("config.checkpoint_best_metric needs checkpoint_every_steps to be a multiple of "
                          "eval_every_steps, so that every checkpoint has a metric")
+    axis_rules(config)
     for name in ("eval_every_steps", "checkpoint_every_steps", "metrics_every_steps", "keep_checkpoints",
                  "stop_check_every_steps"):
         if config[name] < 1:
@@ -135,6 +146,8 @@ def from_json(text: str) -> ml_collections.ConfigDict:
     """The inverse of ``to_json``: rebuilds a run's config from its ``config.json``."""
     restored = default_config()
     values = json.loads(text)
+    # Runs saved before the vocabulary was padded have unpadded tables: keep reading them as they are.
+    values.setdefault("model", {}).setdefault("vocab_pad_multiple", 1)
     for key, value in values.items():
         if isinstance(value, dict):
             for sub_key, sub_value in value.items():

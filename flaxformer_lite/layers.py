@@ -20,6 +20,16 @@ import numpy as np
 Initializer = Callable[..., jax.Array]
 
 
+def constrain(x: jax.Array, *axes: str | None) -> jax.Array:
+    """Asks for ``x`` to be laid out by logical axis names (``activation_batch``, ``activation_heads``...).
+
+    Binds only under ``sharding.activation_rules`` (the training and decoding programs on a mesh); elsewhere
+    it returns ``x`` unchanged. Without such hints XLA propagates the parameters' FSDP layout into the
+    activations and reshards them back and forth ("involuntary full rematerialization").
+    """
+    return nn.with_logical_constraint(x, axes)
+
+
 def param_with_axes(
     module: nn.Module,
     name: str,
@@ -226,28 +236,52 @@ class Embed(nn.Module):
     decoder outputs gives logits of unit scale without a further factor.
     """
 
-    num_embeddings: int  # Vocabulary size.
+    num_embeddings: int  # Vocabulary size: ids in [0, num_embeddings).
     features: int  # Embedding width (d_model).
+    # Rows of the table, >= num_embeddings: a multiple of every mesh axis and of accelerator tiles. The rows
+    # past the vocabulary are never looked up, and ``attend`` gives them logits no softmax can choose.
+    padded_size: int | None = None
     scale_by_sqrt_features: bool = True  # Multiply looked-up vectors by sqrt(features), as the paper does.
     dtype: str = "float32"  # Compute dtype.
     param_dtype: str = "float32"  # Storage dtype of the table.
 
     def setup(self):
         init = nn.initializers.normal(stddev=self.features ** -0.5)
-        self.embedding = param_with_axes(self, "embedding", init, (self.num_embeddings, self.features),
-                                         ("vocab", "embed"), self.param_dtype)
+        rows = self.padded_size or self.num_embeddings
+        if rows < self.num_embeddings:
+            raise ValueError(f"padded_size={rows} is smaller than the vocabulary ({self.num_embeddings})")
+        self.embedding = param_with_axes(self, "embedding", init, (rows, self.features), ("vocab", "embed"),
+                                         self.param_dtype)
+
+    def _table(self) -> jax.Array:
+        """The table laid out as the activations use it: whole rows (gathered over ``fsdp``, as FSDP
+        gathers every weight before use), rows still split over ``tensor``."""
+        return constrain(self.embedding, "activation_vocab", "activation_embed")
 
     def __call__(self, ids: jax.Array) -> jax.Array:
-        x = jnp.take(self.embedding, ids, axis=0).astype(self.dtype)
+        x = jnp.take(self._table(), ids, axis=0).astype(self.dtype)
         if self.scale_by_sqrt_features:
             x = x * jnp.asarray(math.sqrt(self.features), self.dtype)
         return x
 
     def attend(self, x: jax.Array) -> jax.Array:
-        """Logits ``x @ E^T`` over the vocabulary."""
+        """Logits ``x @ E^T`` over the (padded) table, ``[..., rows]``, in the compute dtype."""
         flat = x.reshape(-1, x.shape[-1])
-        logits = matmul("nd,vd->nv", flat, self.embedding, self.dtype)
-        return logits.reshape(*x.shape[:-1], self.num_embeddings)
+        logits = matmul("nd,vd->nv", flat, self._table(), self.dtype)
+        return logits.reshape(*x.shape[:-1], self.embedding.shape[0])
+
+
+# The logit of a padded vocabulary id: exp() of it minus any real logit is exactly 0 in float32, while
+# sums and differences with it stay finite (a beam's score plus it is still far below every real score).
+PADDED_LOGIT = -1e9
+
+
+def mask_padded_logits(logits: jax.Array, vocab_size: int) -> jax.Array:
+    """Float32 ``logits [..., rows]`` with the ids past ``vocab_size`` set to ``PADDED_LOGIT``."""
+    logits = logits.astype(jnp.float32)
+    if logits.shape[-1] == vocab_size:
+        return logits
+    return jnp.where(jnp.arange(logits.shape[-1]) < vocab_size, logits, PADDED_LOGIT)
 
 
 def sinusoidal_encoding(positions: jax.Array, features: int, max_timescale: float = 10_000.0) -> jax.Array:
@@ -339,7 +373,7 @@ class FeedForward(nn.Module):
         d_model = x.shape[-1]
         h = DenseGeneral((self.d_ff,), ("embed",), ("mlp",), use_bias=True, dtype=self.dtype,
                          param_dtype=self.param_dtype, name="wi")(x)
-        h = ACTIVATIONS[self.activation](h)
+        h = ACTIVATIONS[self.activation](constrain(h, "activation_batch", "activation_length", "activation_mlp"))
         h = Dropout(self.dropout_rate)(h, deterministic=deterministic)
         return DenseGeneral((d_model,), ("mlp",), ("embed",), use_bias=True, dtype=self.dtype,
                             param_dtype=self.param_dtype, kernel_out_first=True, name="wo")(h)

@@ -6,14 +6,18 @@ One mesh with three axes serves every strategy:
 * ``fsdp``: data parallelism whose parameters and optimizer state are sharded (ZeRO-3 / FSDP);
 * ``tensor``: tensor (model) parallelism inside attention heads, the feed-forward width and the vocabulary.
 
-Parameters carry logical axis names (see ``layers.param_with_axes``); ``LOGICAL_AXIS_RULES`` maps each to a
-mesh axis (or to replication), and batches are split over ``data`` and ``fsdp`` together.
+Parameters carry logical axis names (see ``layers.param_with_axes``) and the model constrains its
+activations by logical names too (``layers.constrain``); the rules (``DEFAULT_AXIS_RULES``, overridable as
+``config.axis_rules``) map each name to mesh axes (or to replication). Batches are split over ``data``
+and ``fsdp`` together.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Any, Sequence
+import contextlib
+import functools
+from typing import Any, Callable, Mapping, Sequence
 
 from absl import logging
 import flax.linen as nn
@@ -24,17 +28,46 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
-# Logical axis -> mesh axis (None: replicated). The batch is split over both data-parallel axes.
-LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
-    ("batch", ("data", "fsdp")),
-    ("vocab", "tensor"),
-    ("embed", "fsdp"),
-    ("mlp", "tensor"),
-    ("heads", "tensor"),
-    ("kv", None),
-    ("position", None),
-    ("length", None),
-)
+# Logical axis -> mesh axes, as comma-separated names ("": replicated). ``config.axis_rules`` starts from
+# this (``--config.axis_rules.embed=''`` replicates the embedding width of every parameter, for example).
+# Parameters use the plain names; activations the ``activation_*`` ones, so that a batch split over
+# ``fsdp`` does not also split its features there. ``activation_heads`` and ``activation_mlp`` follow the
+# parameters' ``heads`` and ``mlp`` (tensor parallelism splits the work, not only the weights).
+DEFAULT_AXIS_RULES: dict[str, str] = {
+    "batch": "data,fsdp",
+    "vocab": "tensor",
+    "embed": "fsdp",
+    "mlp": "tensor",
+    "heads": "tensor",
+    "kv": "",
+    "position": "",
+    "length": "",
+    "activation_batch": "data,fsdp",
+    "activation_length": "",
+    "activation_embed": "",
+    "activation_heads": "tensor",
+    "activation_kv": "",
+    "activation_mlp": "tensor",
+    "activation_vocab": "tensor",
+}
+
+
+def axis_rules(mapping: Mapping[str, str] | None = None) -> tuple[tuple[str, Any], ...]:
+    """flax's logical-axis rules from a ``{logical: "mesh,axes"}`` mapping (default: DEFAULT_AXIS_RULES).
+
+    Raises ValueError naming ``config.axis_rules.<name>`` for a mesh axis that does not exist.
+    """
+    rules = []
+    for name, value in (DEFAULT_AXIS_RULES if mapping is None else mapping).items():
+        axes = tuple(a.strip() for a in str(value or "").split(",") if a.strip())
+        unknown = [a for a in axes if a not in MESH_AXES]
+        if unknown:
+            raise ValueError(f"config.axis_rules.{name}={value!r}: {unknown} not among the mesh axes {MESH_AXES}")
+        rules.append((name, None if not axes else axes[0] if len(axes) == 1 else axes))
+    return tuple(rules)
+
+
+LOGICAL_AXIS_RULES = axis_rules()
 
 
 def initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
@@ -102,10 +135,47 @@ def create_mesh(mesh_shape: Sequence[int] = (-1, 1, 1), devices: Sequence[jax.De
 def logical_shardings(boxed_tree: Any, mesh: Mesh, rules=LOGICAL_AXIS_RULES) -> Any:
     """NamedShardings for a tree whose leaves are (abstract) ``nn.LogicallyPartitioned`` boxes or arrays.
 
-    Leaves without logical names (optimizer counters, the step, the rng) are replicated.
+    Leaves without logical names (optimizer counters, the step, the rng) are replicated. A dimension that
+    its mesh axes do not divide fails here, naming the parameter and the rule, not later inside XLA.
     """
     specs = nn.get_partition_spec(boxed_tree)
-    return nn.logical_to_mesh_sharding(specs, mesh, rules)
+    shardings = nn.logical_to_mesh_sharding(specs, mesh, rules)
+    flat_boxes = jax.tree_util.tree_flatten_with_path(
+        boxed_tree, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))[0]
+    for path, box in flat_boxes:
+        if not isinstance(box, nn.LogicallyPartitioned):
+            continue
+        shape = np.shape(box.value)
+        for size, name in zip(shape, box.names):
+            mesh_axes = dict(rules).get(name)
+            mesh_axes = () if mesh_axes is None else (mesh_axes,) if isinstance(mesh_axes, str) else mesh_axes
+            parts = int(np.prod([mesh.shape[a] for a in mesh_axes]))
+            if size % parts:
+                raise ValueError(
+                    f"parameter {jax.tree_util.keystr(path)} of shape {shape}: its {name!r} axis ({size}) is "
+                    f"split over mesh axes {mesh_axes} ({parts} devices), which do not divide it; change "
+                    f"--config.mesh_shape or --config.axis_rules.{name}")
+    return shardings
+
+
+@contextlib.contextmanager
+def activation_rules(mesh: Mesh, rules=LOGICAL_AXIS_RULES):
+    """Makes the model's logical activation constraints (``nn.with_logical_constraint``) bind to ``mesh``.
+
+    Enter it around the first call (the trace) of a jitted function; outside it the constraints do nothing.
+    """
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        yield
+
+
+def under_rules(jitted: Callable, mesh: Mesh, rules=LOGICAL_AXIS_RULES) -> Callable:
+    """``jitted`` called (and so traced) under :func:`activation_rules`."""
+    @functools.wraps(jitted)
+    def call(*args, **kwargs):
+        with activation_rules(mesh, rules):
+            return jitted(*args, **kwargs)
+
+    return call
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

@@ -186,8 +186,9 @@ def _train(config: ml_collections.ConfigDict, workdir, mesh) -> dict[str, float]
     model = Transformer(data.model_config)
     train_cfg = config_lib.build("train", config)
     optimizer = training.make_optimizer(train_cfg, data.model_config.d_model)
-    abstract_state, state_sharding = training.state_shardings(model, optimizer, mesh)
-    train_step, eval_step = training.make_step_functions(model, optimizer, train_cfg, mesh, state_sharding)
+    rules = config_lib.axis_rules(config)
+    abstract_state, state_sharding = training.state_shardings(model, optimizer, mesh, rules=rules)
+    train_step, eval_step = training.make_step_functions(model, optimizer, train_cfg, mesh, state_sharding, rules)
 
     pipeline_cfg = config_lib.build("data", config)
     train_data = pipeline.make_train_data(data.train_source, data.inputs_tokenizer, data.targets_tokenizer,

@@ -23,7 +23,10 @@ import jax.numpy as jnp
 
 from flaxformer_lite import attention
 from flaxformer_lite.layers import (ACTIVATIONS, DenseGeneral, Dropout, Embed, FeedForward, LayerNorm,
-                                    PositionalEncoding)
+                                    PositionalEncoding, constrain, mask_padded_logits)
+
+# Logical layout of the residual stream [batch, length, d_model] (see sharding.DEFAULT_AXIS_RULES).
+_RESIDUAL = ("activation_batch", "activation_length", "activation_embed")
 
 _DTYPES = ("float32", "bfloat16")
 _POSITION_KINDS = ("sinusoidal", "learned")
@@ -35,6 +38,10 @@ class TransformerConfig:
 
     vocab_size: int = 32_000  # Size of the (shared, or source) vocabulary.
     output_vocab_size: int | None = None  # Target vocabulary size; None means the same as vocab_size.
+    # Embedding and logit tables get rows up to a multiple of this (128: every mesh axis size up to 128
+    # that is a power of two divides it, and so do GPU/TPU matrix tiles). Padded ids are never predicted
+    # and never in the loss. 1: no padding (runs saved before this field existed).
+    vocab_pad_multiple: int = 128
     share_embeddings: bool = True  # One table for encoder input and decoder input (needs equal vocabularies).
     logits_via_embedding: bool = True  # Output logits through the decoder embedding's transpose (paper 3.4).
     d_model: int = 512  # Width of embeddings and of every residual stream.
@@ -61,7 +68,7 @@ class TransformerConfig:
         def fail(field: str, message: str):
             raise ValueError(f"TransformerConfig.{field}: {message}")
 
-        for name in ("vocab_size", "d_model", "num_heads", "d_ff", "max_length"):
+        for name in ("vocab_size", "d_model", "num_heads", "d_ff", "max_length", "vocab_pad_multiple"):
             if getattr(self, name) <= 0:
                 fail(name, f"must be positive, got {getattr(self, name)}")
         if self.head_dim is None and self.d_model % self.num_heads:
@@ -84,6 +91,16 @@ class TransformerConfig:
     @property
     def target_vocab_size(self) -> int:
         return self.output_vocab_size or self.vocab_size
+
+    @property
+    def padded_vocab_size(self) -> int:
+        """Rows of the source (or shared) embedding table."""
+        return -(-self.vocab_size // self.vocab_pad_multiple) * self.vocab_pad_multiple
+
+    @property
+    def padded_target_vocab_size(self) -> int:
+        """Rows of the target embedding table, and width of the logits."""
+        return -(-self.target_vocab_size // self.vocab_pad_multiple) * self.vocab_pad_multiple
 
     @property
     def attention_head_dim(self) -> int:
@@ -158,8 +175,9 @@ class EncoderLayer(nn.Module):
         x = _residual(cfg, x, lambda h: self_attention(h, h, mask, deterministic=deterministic),
                       "self_attention_norm", deterministic=deterministic)
         ffn = _feed_forward(cfg)
-        return _residual(cfg, x, lambda h: ffn(h, deterministic=deterministic), "ffn_norm",
-                         deterministic=deterministic)
+        x = _residual(cfg, x, lambda h: ffn(h, deterministic=deterministic), "ffn_norm",
+                      deterministic=deterministic)
+        return constrain(x, *_RESIDUAL)
 
 
 class DecoderLayer(nn.Module):
@@ -191,8 +209,9 @@ class DecoderLayer(nn.Module):
                                                         decode=decode, static_kv=True),
                       "cross_attention_norm", deterministic=deterministic)
         ffn = _feed_forward(cfg)
-        return _residual(cfg, y, lambda h: ffn(h, deterministic=deterministic), "ffn_norm",
-                         deterministic=deterministic)
+        y = _residual(cfg, y, lambda h: ffn(h, deterministic=deterministic), "ffn_norm",
+                      deterministic=deterministic)
+        return constrain(y, *_RESIDUAL)
 
 
 class _Embedder(nn.Module):
@@ -207,7 +226,7 @@ class _Embedder(nn.Module):
         x = self.embed(tokens)
         x = PositionalEncoding(cfg.position_embedding, cfg.max_length, dtype=cfg.dtype,
                                param_dtype=cfg.param_dtype, name="positions")(x, positions)
-        return Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
+        return constrain(Dropout(cfg.dropout_rate)(x, deterministic=deterministic), *_RESIDUAL)
 
 
 def _final_norm(cfg: TransformerConfig) -> LayerNorm | None:
@@ -239,7 +258,8 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    """A stack of decoder layers over embedded (already shifted) target tokens; returns float32 logits."""
+    """A stack of decoder layers over embedded (already shifted) target tokens; returns float32 logits
+    over the padded vocabulary (``TransformerConfig.padded_target_vocab_size``), padded ids masked."""
 
     config: TransformerConfig
     embed: Embed
@@ -291,9 +311,10 @@ class Decoder(nn.Module):
         if cfg.logits_via_embedding:
             logits = self.embed.attend(y)
         else:
-            logits = DenseGeneral((cfg.target_vocab_size,), ("embed",), ("vocab",), dtype=cfg.dtype,
+            logits = DenseGeneral((cfg.padded_target_vocab_size,), ("embed",), ("vocab",), dtype=cfg.dtype,
                                   param_dtype=cfg.param_dtype, name="logits")(y)
-        return logits.astype(jnp.float32)
+        logits = constrain(logits, "activation_batch", "activation_length", "activation_vocab")
+        return mask_padded_logits(logits, cfg.target_vocab_size)
 
 
 class Transformer(nn.Module):
@@ -303,13 +324,14 @@ class Transformer(nn.Module):
 
     def setup(self):
         cfg = self.config
-        embed = lambda vocab, name: Embed(vocab, cfg.d_model, dtype=cfg.dtype,  # noqa: E731
-                                          param_dtype=cfg.param_dtype, name=name)
+        embed = lambda vocab, rows, name: Embed(vocab, cfg.d_model, padded_size=rows,  # noqa: E731
+                                                dtype=cfg.dtype, param_dtype=cfg.param_dtype, name=name)
         if cfg.share_embeddings:
-            self.source_embed = self.target_embed = embed(cfg.vocab_size, "shared_embedding")
+            self.source_embed = self.target_embed = embed(cfg.vocab_size, cfg.padded_vocab_size,
+                                                          "shared_embedding")
         else:
-            self.source_embed = embed(cfg.vocab_size, "source_embedding")
-            self.target_embed = embed(cfg.target_vocab_size, "target_embedding")
+            self.source_embed = embed(cfg.vocab_size, cfg.padded_vocab_size, "source_embedding")
+            self.target_embed = embed(cfg.target_vocab_size, cfg.padded_target_vocab_size, "target_embedding")
         self.encoder = Encoder(cfg, self.source_embed)
         self.decoder = Decoder(cfg, self.target_embed)
 

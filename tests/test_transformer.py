@@ -9,7 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flaxformer_lite import Transformer, TransformerConfig, preset, shift_right
+from flaxformer_lite import Transformer, TransformerConfig, preset, shift_right, training
+from flaxformer_lite.layers import PADDED_LOGIT
 
 INPUTS = np.array([[5, 6, 7, 8, 1, 0, 0], [9, 10, 1, 0, 0, 0, 0]], np.int32)
 TARGETS = np.array([[11, 12, 13, 1, 0], [14, 1, 0, 0, 0]], np.int32)
@@ -27,7 +28,7 @@ def count_params(cfg):
 
 @pytest.mark.parametrize("name, low, high", [("base", 62.5e6, 63.5e6), ("big", 213e6, 214.5e6)])
 def test_parameter_counts_match_the_paper(name, low, high):
-    cfg = preset(name)
+    cfg = preset(name, vocab_pad_multiple=1)  # The paper's table, without padding it for a mesh.
     d, ff, n, v = cfg.d_model, cfg.d_ff, cfg.num_encoder_layers, cfg.vocab_size
     assert v == 37_000  # The paper's shared source-target BPE vocabulary for WMT En-De.
     attention = 4 * d * d  # Q, K, V, output projections, no biases.
@@ -42,6 +43,8 @@ def test_parameter_counts_match_the_paper(name, low, high):
     # The paper's Table 3 reports 65M and 213M without itemising them; base differs by 2M (3%), which a
     # slightly different vocabulary or counting would explain.
     assert low <= expected <= high
+    # Padded to a multiple of 128 (37,000 -> 37,120 rows), only the table grows.
+    assert count_params(preset(name)) == expected + (37_120 - 37_000) * d
 
 
 def test_every_parameter_has_logical_axis_names():
@@ -177,8 +180,38 @@ def test_separate_vocabularies_and_output_projection():
     model, variables = init(cfg)
     params = variables["params"]
     assert {"source_embedding", "target_embedding"} <= set(params)
-    assert nn.unbox(params["decoder"]["logits"]["kernel"]).shape == (cfg.d_model, 40)
-    assert model.apply(variables, INPUTS, TARGETS).shape == (*TARGETS.shape, 40)
+    assert nn.unbox(params["decoder"]["logits"]["kernel"]).shape == (cfg.d_model, 128)
+    assert nn.unbox(params["source_embedding"]["embedding"]).shape == (128, cfg.d_model)
+    logits = model.apply(variables, INPUTS, TARGETS)
+    assert logits.shape == (*TARGETS.shape, 128)  # The padded width; ids 40... are never predicted.
+    assert np.all(np.asarray(logits)[..., 40:] == PADDED_LOGIT) and np.all(np.asarray(logits)[..., :40] > -1e6)
+
+
+def test_padded_vocabulary_ids_are_never_predicted_nor_in_the_loss():
+    """A 21-word vocabulary in a 128-row table: same loss and gradients as the unpadded table holding the
+    same 21 rows, and no softmax mass on the padded ids."""
+    unpadded = preset("tiny", vocab_size=21, vocab_pad_multiple=1)
+    padded = dataclasses.replace(unpadded, vocab_pad_multiple=128)
+    assert padded.padded_vocab_size == 128 and unpadded.padded_vocab_size == 21
+    inputs, targets = np.minimum(INPUTS, 20), np.minimum(TARGETS, 20)
+    _, small = init(unpadded, inputs, targets)
+    table = nn.unbox(small["params"]["shared_embedding"]["embedding"])
+    big = jax.tree_util.tree_map(lambda x: x, nn.unbox(small["params"]))
+    big["shared_embedding"]["embedding"] = jnp.concatenate([table, jnp.ones((107, table.shape[1]))], axis=0)
+
+    def loss(cfg, params):
+        logits = Transformer(cfg).apply({"params": params}, inputs, targets)
+        return training.cross_entropy_sums(logits, targets, 0.1, 1e-3, vocab_size=21)["loss"], logits
+
+    (loss_small, logits_small), grads_small = jax.value_and_grad(loss, 1, has_aux=True)(unpadded,
+                                                                                         nn.unbox(small["params"]))
+    (loss_big, logits_big), grads_big = jax.value_and_grad(loss, 1, has_aux=True)(padded, big)
+    np.testing.assert_allclose(loss_big, loss_small, rtol=1e-6)
+    np.testing.assert_allclose(logits_big[..., :21], logits_small, rtol=1e-6, atol=1e-6)
+    assert float(jnp.max(jax.nn.softmax(logits_big)[..., 21:])) == 0.0
+    grad_table = grads_big["shared_embedding"]["embedding"]
+    np.testing.assert_allclose(grad_table[:21], grads_small["shared_embedding"]["embedding"], atol=1e-6)
+    assert float(jnp.max(jnp.abs(grad_table[21:]))) == 0.0  # Padded rows get no gradient: never used.
 
 
 def test_learned_positions_have_a_table():
