@@ -13,6 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from flaxformer_lite import backend
 from flaxformer_lite.layers import DenseGeneral, constrain, dropout, einsum, matmul
 
 # Logical layout of per-head activations [batch, length, heads, head_dim] (see sharding.DEFAULT_AXIS_RULES).
@@ -22,10 +23,6 @@ _HEADS = ("activation_batch", "activation_length", "activation_heads", "activati
 # keys get exactly zero weight, while a fully masked row stays finite (uniform) instead of NaN.
 _MASKED_LOGIT = float(jnp.finfo(jnp.float32).min)
 
-# Decoding caches hold keys and values in float32 whatever the compute dtype: the products of a decoding
-# step then run in float32 on the cache as it is (see _is_decoding_step). The values are the same (a
-# bfloat16 number is exact in float32); only the cache's memory doubles.
-_CACHE_DTYPE = jnp.float32
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -64,14 +61,9 @@ def combine_masks(*masks: jax.Array | None) -> jax.Array | None:
 # Scaled dot-product attention
 # ---------------------------------------------------------------------------------------------------------
 def _is_decoding_step(query: jax.Array, heads_first_kv: bool) -> bool:
-    """One query position against a heads-first cache: a decoding step.
-
-    Its products are batches of matrix-vector products (``[b, h, d] x [b, h, k, d]``). They are written
-    without the query-length axis and in float32, on a float32 cache: on XLA's CPU backend this form took
-    0.3 ms for a batch of 128 where the general ``bqhd`` form took 0.45 ms, and a bfloat16 cache 1.5-1.7 ms
-    (plus a conversion of the whole cache at every step).
-    """
-    return heads_first_kv and query.shape[1] == 1
+    """One query position against a heads-first cache, on a backend that wants it as matrix-vector products
+    (``[b, h, d] x [b, h, k, d]`` in float32 without the query axis: faster on a CPU, see ``backend``)."""
+    return heads_first_kv and query.shape[1] == 1 and backend.matrix_vector_decoding()
 
 
 def dot_product_attention_weights(query: jax.Array, key: jax.Array, mask: jax.Array | None = None, *,
@@ -93,6 +85,21 @@ def dot_product_attention_weights(query: jax.Array, key: jax.Array, mask: jax.Ar
     if mask is not None:
         logits = jnp.where(mask, logits, _MASKED_LOGIT)
     return jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+
+
+def fused_attention(query: jax.Array, key: jax.Array, value: jax.Array, mask: jax.Array | None,
+                    implementation: str) -> jax.Array:
+    """softmax(Q K^T / sqrt(d_k)) V through ``jax.nn.dot_product_attention`` (``xla`` or ``cudnn``), for the
+    layouts and masks of :func:`dot_product_attention` without ``heads_first_kv``. No probabilities come
+    out, so no dropout on them. cuDNN refusing the case (shape, dtype, version) falls back to XLA's form."""
+    if mask is not None and mask.ndim != 4:
+        raise ValueError(f"attention masks are [b, h, q, k]; got shape {mask.shape}")
+    if implementation == "cudnn":
+        try:
+            return jax.nn.dot_product_attention(query, key, value, mask=mask, implementation="cudnn")
+        except (ValueError, NotImplementedError, RuntimeError) as error:
+            backend.warn_once(f"cuDNN attention does not take this case ({error}); using XLA's")
+    return jax.nn.dot_product_attention(query, key, value, mask=mask, implementation="xla")
 
 
 def dot_product_attention(
@@ -144,8 +151,8 @@ class MultiHeadAttention(nn.Module):
     beam search can gather or tile the cache along axis 0. Two kinds of cache:
 
     * ``static_kv=False`` (decoder self-attention): each call takes one new query position, appends its key
-      and value at ``cache_index`` of ``cached_key``/``cached_value`` ``[b, h, max_length, d]`` (float32,
-      see ``_CACHE_DTYPE``) and attends over the positions filled so far. The cache is created by a call
+      and value at ``cache_index`` of ``cached_key``/``cached_value`` ``[b, h, max_length, d]`` (float32 on a
+      CPU, the compute dtype elsewhere: ``backend.decoding_cache_dtype``) and attends over the positions filled so far. The cache is created by a call
       with ``decode=True`` on a full-length input (its shapes only: ``decoding.init_cache`` makes that
       call under ``jax.eval_shape`` and fills the cache with zeros).
     * ``static_kv=True`` (encoder-decoder attention): the keys and values come from a memory that is the
@@ -163,6 +170,9 @@ class MultiHeadAttention(nn.Module):
     use_bias: bool = False  # Biases on the Q/K/V/output projections (the paper has none).
     dtype: str = "float32"  # Compute dtype.
     param_dtype: str = "float32"  # Storage dtype of the projections.
+    # "auto", "einsum", "xla" or "cudnn": see backend.attention_implementation. The einsum path is taken
+    # anyway where probabilities are needed (attention dropout in training; weights sown for plotting).
+    implementation: str = "auto"
 
     @nn.compact
     def __call__(
@@ -204,10 +214,16 @@ class MultiHeadAttention(nn.Module):
         dropout_rng = None
         if not deterministic and self.dropout_rate > 0.0:
             dropout_rng = self.make_rng("dropout")
-        output, weights = dot_product_attention(
-            query, key, value, mask, dropout_rate=self.dropout_rate, dropout_rng=dropout_rng,
-            deterministic=deterministic, return_weights=True, heads_first_kv=heads_first)
-        self.sow("intermediates", "attention_weights", weights)
+        implementation = backend.attention_implementation(
+            self.implementation, dtype=query.dtype, head_dim=self.head_dim,
+            needs_probabilities=dropout_rng is not None or self.is_mutable_collection("intermediates"))
+        if implementation != "einsum" and not heads_first:
+            output = fused_attention(query, key, value, mask, implementation)
+        else:
+            output, weights = dot_product_attention(
+                query, key, value, mask, dropout_rate=self.dropout_rate, dropout_rng=dropout_rng,
+                deterministic=deterministic, return_weights=True, heads_first_kv=heads_first)
+            self.sow("intermediates", "attention_weights", weights)
         output = constrain(output, *_HEADS)
 
         return DenseGeneral((d_model,), ("heads", "kv"), ("embed",), use_bias=self.use_bias, dtype=self.dtype,
@@ -217,9 +233,10 @@ class MultiHeadAttention(nn.Module):
         """Writes this step's key/value at the cache index; returns the whole cache to attend over, its mask
         and whether it is heads-first (the cache is; the full-length call that creates it returns its input)."""
         initialized = self.has_variable("cache", "cached_key")
-        as_cached = lambda x: jnp.swapaxes(x, 1, 2).astype(_CACHE_DTYPE)  # noqa: E731  [b, h, t, d]
-        cached_key = self.variable("cache", "cached_key", jnp.zeros, as_cached(key).shape, _CACHE_DTYPE)
-        cached_value = self.variable("cache", "cached_value", jnp.zeros, as_cached(value).shape, _CACHE_DTYPE)
+        cache_dtype = backend.decoding_cache_dtype(self.dtype)
+        as_cached = lambda x: jnp.swapaxes(x, 1, 2).astype(cache_dtype)  # noqa: E731  [b, h, t, d]
+        cached_key = self.variable("cache", "cached_key", jnp.zeros, as_cached(key).shape, cache_dtype)
+        cached_value = self.variable("cache", "cached_value", jnp.zeros, as_cached(value).shape, cache_dtype)
         cache_index = self.variable("cache", "cache_index", lambda: jnp.zeros((), jnp.int32))
         if not initialized:  # The creating call: the full-length input only fixes the cache shapes.
             return key, value, mask, False
@@ -238,8 +255,9 @@ class MultiHeadAttention(nn.Module):
     def _static_cache(self, inputs_kv: jax.Array | None, project):
         """Keys/values of a memory that does not change between steps: projected once, then read back."""
         if inputs_kv is not None:  # Stored heads-first, [b, h, s, d], as the self-attention cache.
-            key = jnp.swapaxes(project("key")(inputs_kv), 1, 2).astype(_CACHE_DTYPE)
-            value = jnp.swapaxes(project("value")(inputs_kv), 1, 2).astype(_CACHE_DTYPE)
+            cache_dtype = backend.decoding_cache_dtype(self.dtype)
+            key = jnp.swapaxes(project("key")(inputs_kv), 1, 2).astype(cache_dtype)
+            value = jnp.swapaxes(project("value")(inputs_kv), 1, 2).astype(cache_dtype)
             cached_key = self.variable("cache", "cached_key", lambda: key)
             cached_value = self.variable("cache", "cached_value", lambda: value)
             cached_key.value, cached_value.value = key, value

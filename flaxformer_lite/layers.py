@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flaxformer_lite import backend
+
 Initializer = Callable[..., jax.Array]
 
 
@@ -139,7 +141,8 @@ def _matmul_bwd(equation, dtype, out_dtype, residuals, g):
 
 
 def _ordered_product(first, second, result_axes: str, dtype, out_dtype, smaller_first: bool) -> jax.Array:
-    """A gradient product, with the operands in the order XLA's CPU backend runs fast (and at all).
+    """A gradient product, with the operands in the order XLA's CPU backend runs fast (and at all); other
+    backends take them as given (``backend.cpu_operand_order``).
 
     XLA transposes the first operand when its contracted axes are not the last ones, as in every weight
     gradient (contracted over the tokens), fusing the transpose into whatever computed the operand (e.g.
@@ -150,7 +153,9 @@ def _ordered_product(first, second, result_axes: str, dtype, out_dtype, smaller_
     activations, which saves transposing a ``tokens x vocabulary`` gradient.
     """
     batch = "".join(a for a in first[0] if a in second[0] and a in result_axes)
-    if batch:
+    if not backend.cpu_operand_order():
+        swap = False
+    elif batch:
         swap = second[0].startswith(batch) and not first[0].startswith(batch)
     else:
         swap = smaller_first and second[1].size < first[1].size

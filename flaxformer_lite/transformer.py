@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from flaxformer_lite import attention
+from flaxformer_lite.backend import ATTENTION_IMPLEMENTATIONS
 from flaxformer_lite.layers import (ACTIVATIONS, DenseGeneral, Dropout, Embed, FeedForward, LayerNorm,
                                     PositionalEncoding, constrain, mask_padded_logits)
 
@@ -61,6 +62,10 @@ class TransformerConfig:
     use_attention_bias: bool = False  # Biases on the Q/K/V/output projections (the paper has none).
     pad_id: int = 0  # Padding token id; masked out of attention and of the loss.
     decoder_start_id: int = 0  # Token fed to the decoder at position 0 (shift right), as in T5 / flax wmt.
+    # How attention is computed: "auto" (backend.attention_implementation: the einsum path on a CPU, cuDNN's
+    # flash attention on a GPU where it applies, XLA's fused form otherwise), "einsum", "xla" or "cudnn".
+    # Attention dropout in training and attention maps always take the einsum path.
+    attention_implementation: str = "auto"
     dtype: str = "float32"  # Compute dtype of activations and matmuls: "float32" or "bfloat16".
     param_dtype: str = "float32"  # Storage dtype of parameters (keep float32 for training).
 
@@ -84,6 +89,9 @@ class TransformerConfig:
             fail("activation", f"{self.activation!r} is not one of {sorted(ACTIVATIONS)}")
         if self.position_embedding not in _POSITION_KINDS:
             fail("position_embedding", f"{self.position_embedding!r} is not one of {_POSITION_KINDS}")
+        if self.attention_implementation not in ATTENTION_IMPLEMENTATIONS:
+            fail("attention_implementation",
+                 f"{self.attention_implementation!r} is not one of {ATTENTION_IMPLEMENTATIONS}")
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) not in _DTYPES:
                 fail(name, f"{getattr(self, name)!r} is not one of {_DTYPES}")
@@ -155,7 +163,8 @@ def _residual(cfg: TransformerConfig, x: jax.Array, sublayer, norm_name: str, *,
 def _attention(cfg: TransformerConfig, name: str) -> attention.MultiHeadAttention:
     return attention.MultiHeadAttention(
         num_heads=cfg.num_heads, head_dim=cfg.attention_head_dim, dropout_rate=cfg.attention_dropout_rate,
-        use_bias=cfg.use_attention_bias, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name=name)
+        use_bias=cfg.use_attention_bias, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+        implementation=cfg.attention_implementation, name=name)
 
 
 def _feed_forward(cfg: TransformerConfig) -> FeedForward:

@@ -1,12 +1,14 @@
 """Attention against a plain NumPy implementation, and the mask builders."""
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flaxformer_lite import attention
+from flaxformer_lite import attention, backend
 
 
 def numpy_attention(q, k, v, mask):
@@ -134,3 +136,65 @@ def test_multi_head_attention_sows_weights_only_when_asked():
     (weights,) = state["intermediates"]["attention_weights"]
     assert weights.shape == (2, 4, 5, 5)
     np.testing.assert_allclose(np.asarray(weights).sum(-1), 1.0, atol=1e-6)
+
+
+def _mask_kinds(rng, b, q, k):
+    """Every mask the model builds: none, padding, causal + padding, packed segments (+ causal)."""
+    q_tokens, k_tokens = random_tokens(rng, [q, q - 2, 3], q), random_tokens(rng, [k, 4, k - 1], k)
+    q_segments = np.array([[1] * (q // 2) + [2] * (q - q // 2)] * b, np.int32)
+    k_segments = np.array([[1] * (k // 2) + [2] * (k - k // 2)] * b, np.int32)
+    return {
+        "none": None,
+        "padding": attention.padding_mask(q_tokens, k_tokens),
+        "causal": attention.combine_masks(attention.padding_mask(q_tokens, q_tokens),
+                                          attention.causal_mask(q)) if q == k else None,
+        "segments": attention.combine_masks(attention.segment_mask(q_segments, k_segments),
+                                            attention.causal_mask(q, k) if q == k else None),
+    }
+
+
+@pytest.mark.parametrize("dtype, tolerance", [("float32", 2e-6), ("bfloat16", 2e-2)])
+@pytest.mark.parametrize("kind", ["none", "padding", "causal", "segments"])
+def test_fused_attention_equals_the_einsum_path_forward_and_backward(kind, dtype, tolerance):
+    """jax.nn.dot_product_attention (XLA's form, what a GPU falls back to and a TPU runs) against the einsum
+    path, on the rows that have a key to attend to, for outputs and for the gradients of q, k and v."""
+    rng = np.random.default_rng(0)
+    b, q, h, d = 3, 6, 2, 8
+    mask = _mask_kinds(rng, b, q, q)[kind]
+    query, key, value = (jnp.asarray(rng.normal(size=(b, q, h, d)), dtype) for _ in range(3))
+    # Rows without a real key (queries at padding) differ by convention only; their outputs are never read.
+    live = np.ones((b, q, 1, 1)) if mask is None else np.asarray(mask).any(-1).transpose(0, 2, 1)[..., None]
+    weight = jnp.asarray(rng.normal(size=(b, q, h, d)) * live, jnp.float32)
+
+    def loss(fn, *qkv):
+        return jnp.sum(fn(*qkv).astype(jnp.float32) * weight)
+
+    einsum = lambda *qkv: attention.dot_product_attention(*qkv, mask)  # noqa: E731
+    fused = lambda *qkv: attention.fused_attention(*qkv, mask, "xla")  # noqa: E731
+    out_e, out_f = einsum(query, key, value), fused(query, key, value)
+    assert out_f.dtype == jnp.dtype(dtype)
+    np.testing.assert_allclose(np.float32(out_f) * live, np.float32(out_e) * live, atol=tolerance, rtol=tolerance)
+    grads_e = jax.grad(functools.partial(loss, einsum), argnums=(0, 1, 2))(query, key, value)
+    grads_f = jax.grad(functools.partial(loss, fused), argnums=(0, 1, 2))(query, key, value)
+    for g_e, g_f in zip(grads_e, grads_f):
+        scale = float(jnp.max(jnp.abs(g_e.astype(jnp.float32)))) or 1.0
+        np.testing.assert_allclose(np.float32(g_f), np.float32(g_e), atol=tolerance * 2 * scale)
+
+
+def test_auto_attention_takes_the_einsum_path_where_probabilities_are_needed(monkeypatch):
+    """On a CPU "auto" is the einsum path; on another backend it is the fused one, except with attention
+    dropout in training or weights sown for attention maps."""
+    choose = lambda **kw: backend.attention_implementation("auto", dtype=jnp.bfloat16, head_dim=64, **kw)  # noqa
+    assert choose(needs_probabilities=False) == "einsum"  # This CPU.
+    monkeypatch.setattr(backend, "is_cpu", lambda: False)
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert choose(needs_probabilities=False) == "cudnn"
+    assert choose(needs_probabilities=True) == "einsum"
+    assert backend.attention_implementation("auto", dtype=jnp.float32, head_dim=64,
+                                            needs_probabilities=False) == "xla"
+    assert backend.attention_implementation("auto", dtype=jnp.bfloat16, head_dim=256,
+                                            needs_probabilities=False) == "xla"
+    monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+    assert choose(needs_probabilities=False) == "xla"
+    with pytest.raises(ValueError, match="flash"):
+        backend.attention_implementation("flash", dtype=jnp.float32, head_dim=8, needs_probabilities=False)

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flaxformer_lite import Transformer, decoding, preset, shift_right
+from flaxformer_lite import Transformer, backend, decoding, preset, shift_right
 
 EXTRA = 6  # Each sentence may emit (source length + EXTRA) tokens: short loops keep the tests fast.
 # Mixed lengths; the first row is the longest and unpadded. Every source ends with EOS (1).
@@ -448,3 +448,30 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="tile_beams"):
         logits_fn, cache, _ = markov({}, 10)
         decoding.beam_search(logits_fn, cache(2), jnp.array([3, 3]), 3, beam_size=2)
+
+
+@pytest.mark.parametrize("method", ["greedy", "beam"])
+def test_the_accelerator_forms_decode_the_same(method, monkeypatch):
+    """What a GPU or TPU runs (backend.is_cpu() False: the cache in the compute dtype, no matrix-vector
+    decoding products, gradient products in their natural order, fused attention through
+    jax.nn.dot_product_attention), traced here on the CPU: the same hypotheses as the CPU forms."""
+    model, variables = tiny()
+    run = lambda: jax.tree_util.tree_map(np.asarray, jax.jit(  # noqa: E731  (a fresh trace each time)
+        lambda v, x: decoding.decode_batch(model, v, x, method=method, extra_length=EXTRA))(variables, INPUTS))
+    def loss_and_grads():  # Teacher-forced, with the gradient products of training.
+        def loss(v):
+            logits = model.apply(v, INPUTS, on_cpu.tokens)
+            return jnp.sum(jax.nn.log_softmax(logits)[..., 5]), logits
+        return jax.value_and_grad(loss, has_aux=True)(variables)
+
+    on_cpu = run()
+    (_, cpu_logits), cpu_grads = loss_and_grads()
+    monkeypatch.setattr(backend, "is_cpu", lambda: False)
+    assert backend.attention_implementation("auto", dtype=jnp.float32, head_dim=8,
+                                            needs_probabilities=False) == "xla"
+    elsewhere = run()
+    np.testing.assert_array_equal(elsewhere.tokens, on_cpu.tokens)
+    np.testing.assert_allclose(elsewhere.scores, on_cpu.scores, rtol=1e-5)
+    (_, logits), grads = loss_and_grads()
+    np.testing.assert_allclose(logits, cpu_logits, atol=1e-5)
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4), grads, cpu_grads)
