@@ -13,13 +13,16 @@ import os
 import sys
 
 from absl import app, flags, logging
+import jax
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # Run from a checkout.
 
-from flaxformer_lite import compilation_cache, evaluation, storage  # noqa: E402
+from flaxformer_lite import compilation_cache, evaluation, sharding, storage  # noqa: E402
 from flaxformer_lite import run as run_lib  # noqa: E402
 from flaxformer_lite import config as config_lib  # noqa: E402
 from flaxformer_lite.data import datasets, pipeline  # noqa: E402
+
+jax.config.config_with_absl()  # --jax_* flags (--jax_platforms=cpu, --jax_log_compiles, ...).
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory written by experiments/train.py.", required=True)
 _SPLIT = flags.DEFINE_string("split", None, "Split to translate; default: the run's eval_split.")
@@ -31,6 +34,7 @@ _BATCH = flags.DEFINE_integer("batch_size", 0, "Sentences per decoding batch (0:
 # dropped 128 -> 32 -> 8 as they finish), 3.1-3.6 s in batches of 32.
 _GREEDY_BATCH = 128
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "tfds data directory, if not the run's.")
+_INITIALIZE_DISTRIBUTED = sharding.define_distributed_flags()
 
 
 def decoding_label(cfg: evaluation.DecodeConfig) -> str:
@@ -44,6 +48,8 @@ def decoding_label(cfg: evaluation.DecodeConfig) -> str:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    _INITIALIZE_DISTRIBUTED()  # Several processes: all of them decode, process 0 writes the report.
+    compilation_cache.use_workdir_cache(_WORKDIR.value)
     decode_cfg = _DECODE_CONFIG()
     run = run_lib.restore(_WORKDIR.value, flags.FLAGS.checkpoint, flags.FLAGS.average_last, _DATA_DIR.value)
     split = _SPLIT.value or run.config.eval_split
@@ -54,10 +60,9 @@ def main(argv):
     source = datasets.load_split(config_lib.build("dataset", run.config), split, run.config.data_dir)
     eval_data = pipeline.make_eval_data(source, run.data.inputs_tokenizer, run.data.targets_tokenizer, data_cfg,
                                         max_examples=_MAX_EXAMPLES.value, longest_first=True)
-    logging.info("Translating %s (%d examples) with checkpoint %s, %s", split, len(source), run.label,
-                 decoding_label(decode_cfg))
-    decode_fn = evaluation.make_decode_fn(run.model, decode_cfg,
-                                          compilation_cache.workdir_programs(_WORKDIR.value))
+    logging.info("Translating %s (%d examples) with checkpoint %s, %s, on mesh %s", split, len(source),
+                 run.label, decoding_label(decode_cfg), dict(run.mesh.shape))
+    decode_fn = evaluation.make_decode_fn(run.model, decode_cfg, run.mesh)
     metrics, rows = evaluation.evaluate_translations(
         decode_fn, run.params, eval_data, run.data.targets_tokenizer, run.config.dataset.target_lang,
         max_examples=_MAX_EXAMPLES.value)
@@ -65,6 +70,8 @@ def main(argv):
     words = sum(len(h.split()) for _, _, h in rows)
     report = {"split": split, "checkpoint": run.label, "settings": vars(decode_cfg) | {"batch_size":
               data_cfg.batch_size}, **metrics, "hypothesis_words_per_sec": words / metrics["decode_seconds"]}
+    if jax.process_index() != 0:
+        return
     storage.write(f"{stem}.txt", "".join(h.replace("\n", " ") + "\n" for _, _, h in rows))
     storage.write(f"{stem}.json", json.dumps(report, indent=2, ensure_ascii=False))
     for source_text, reference, hypothesis in rows[:3]:

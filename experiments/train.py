@@ -9,6 +9,7 @@ import os
 import sys
 
 from absl import app, flags, logging
+import jax
 from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # Run from a checkout.
@@ -16,22 +17,21 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 from flaxformer_lite import compilation_cache, sharding, storage, trainer  # noqa: E402
 from flaxformer_lite import run as run_lib  # noqa: E402
 
+jax.config.config_with_absl()  # --jax_* flags (--jax_platforms=cpu, --jax_log_compiles, ...).
+
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "scan.py")
 _CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "Experiment config file [:variant].",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, logs, vocabulary); "
                                "default: ./workdir/<config file name>.")
 
-_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 for multi-process "
-                                   "runs; unset: detected on Slurm and Cloud TPU, single process otherwise.")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in a multi-process run.")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in a multi-process run.")
+_INITIALIZE_DISTRIBUTED = sharding.define_distributed_flags()
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    _INITIALIZE_DISTRIBUTED()
     workdir = _WORKDIR.value or os.path.join(
         "workdir", os.path.splitext(os.path.basename(flags.FLAGS["config"].config_filename))[0])
     logging.info("workdir: %s", storage.as_path(workdir))

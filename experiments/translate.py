@@ -8,16 +8,20 @@ import os
 import sys
 
 from absl import app, flags
+import jax
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # Run from a checkout.
 
-from flaxformer_lite import compilation_cache, evaluation  # noqa: E402
+from flaxformer_lite import compilation_cache, evaluation, sharding  # noqa: E402
 from flaxformer_lite import run as run_lib  # noqa: E402
+
+jax.config.config_with_absl()  # --jax_* flags (--jax_platforms=cpu, --jax_log_compiles, ...).
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory written by experiments/train.py.", required=True)
 _TEXT = flags.DEFINE_multi_string("text", None, "Sentence(s) to translate; default: read stdin.")
 _DECODE_CONFIG = evaluation.define_decode_flags()
+_INITIALIZE_DISTRIBUTED = sharding.define_distributed_flags()
 _BATCH = 32  # Sentences decoded together.
 
 
@@ -33,14 +37,16 @@ def encode_batch(tokenizer, sentences):
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    _INITIALIZE_DISTRIBUTED()  # Several processes: all of them decode, process 0 prints.
+    compilation_cache.use_workdir_cache(_WORKDIR.value)
     cfg = _DECODE_CONFIG()
     run = run_lib.restore(_WORKDIR.value, flags.FLAGS.checkpoint, flags.FLAGS.average_last)
-    decode_fn = evaluation.make_decode_fn(run.model, cfg, compilation_cache.workdir_programs(_WORKDIR.value))
+    decode_fn = evaluation.make_decode_fn(run.model, cfg, run.mesh)
     lines = _TEXT.value or [line.rstrip("\n") for line in sys.stdin]
     for start in range(0, len(lines), _BATCH):
         chunk = lines[start: start + _BATCH]
         tokens = decode_fn(run.params, encode_batch(run.data.inputs_tokenizer, chunk), start // _BATCH)
-        for row in tokens:
+        for row in tokens if jax.process_index() == 0 else ():
             print(run.data.targets_tokenizer.decode(row.tolist()), flush=True)
 
 

@@ -12,10 +12,11 @@ from typing import Any, Callable, Iterable
 
 from absl import logging
 import jax
+from jax.sharding import Mesh
 import numpy as np
 import sacrebleu
 
-from flaxformer_lite import compilation_cache, decoding
+from flaxformer_lite import decoding, sharding
 from flaxformer_lite.data import pipeline
 from flaxformer_lite.data import tokenizer as tokenizer_lib
 from flaxformer_lite.transformer import Transformer
@@ -70,20 +71,22 @@ def define_decode_flags() -> Callable[[], DecodeConfig]:
     return build
 
 
-def make_decode_fn(model: Transformer, cfg: DecodeConfig, programs: compilation_cache.ProgramStore | None = None,
+def make_decode_fn(model: Transformer, cfg: DecodeConfig, mesh: Mesh | None = None,
                    ) -> Callable[[Any, np.ndarray, int], np.ndarray]:
-    """A jitted ``(params, inputs [b, s], batch_number) -> tokens [b, L]`` for ``cfg``.
+    """A ``(params, inputs [b, s], batch_number) -> tokens [b, L]`` for ``cfg``, jitted, on ``mesh``.
 
-    The decoder compiles once per input shape; ``translate`` decodes a whole split at one shape
-    (``decode_width``). The encoder runs on the batch's own sources only, cut to the next multiple of 16
-    (one small compilation per such width): most batches are much shorter than the split's longest
-    source. On Multi30k's test_2016_flickr (batches of 32, longest source 37 tokens) greedy search took
-    4.0 s this way and 4.7 s encoding every batch at full width. With ``programs`` the compiled encoders
-    and decoder are saved there and loaded by later processes (see ``compilation_cache.ProgramStore``).
-    Sampling draws batch ``n`` with ``fold_in(PRNGKey(cfg.seed), n)``.
+    The rows of a batch are split over the mesh's data-parallel devices (``data`` x ``fsdp``; empty rows
+    pad the batch to a multiple of them) and the parameters stay where they are (placed by the run's
+    rules). With several processes every process calls it with the same whole batch and gets every row's
+    tokens back. Without ``mesh``: the first device. The decoder compiles once per input shape;
+    ``translate`` decodes a whole split at one shape (``decode_width``). The encoder runs on the batch's
+    own sources only, cut to the next multiple of 16 (one small program per such width): most batches
+    are much shorter than the split's longest source. Sampling draws batch ``n`` with
+    ``fold_in(PRNGKey(cfg.seed), n)``.
     """
+    mesh = mesh or sharding.create_mesh((1, 1, 1), jax.devices()[:1])
+    rows = sharding.batch_sharding(mesh)
     encoders: dict[int, Callable] = {}
-    context = repr((model.config, cfg))
 
     def encoder(width):  # Encodes sources cut to their batch's longest, padded back to ``width``.
         if width not in encoders:
@@ -99,15 +102,15 @@ def make_decode_fn(model: Transformer, cfg: DecodeConfig, programs: compilation_
                                      top_p=cfg.top_p, rng=rng, extra_length=cfg.extra_length,
                                      memory=memory).tokens
 
-    def call(name, jitted, *args):
-        return jitted(*args) if programs is None else programs.call(name, jitted, *args, context=context)
-
     def run(params, inputs, batch_number):
-        width = inputs.shape[1]
+        count, width = inputs.shape
+        parts = sharding.data_parallel_size(mesh)
+        inputs = np.pad(inputs, ((0, -count % parts), (0, 0)))  # All-pad rows finish at once.
         longest = int((inputs != model.config.pad_id).sum(1).max(initial=1))
         used = min(width, -(-longest // 16) * 16)
-        memory = call(f"encode{width}", encoder(width), params, inputs[:, :used])
-        return np.asarray(call("decode", decode, params, inputs, memory, np.int32(batch_number)))
+        memory = encoder(width)(params, sharding.global_rows(inputs[:, :used], rows))
+        tokens = decode(params, sharding.global_rows(inputs, rows), memory, np.int32(batch_number))
+        return sharding.to_host(tokens)[:count]
 
     return run
 

@@ -29,6 +29,7 @@ from absl import logging
 from etils import epath
 import jax
 import ml_collections
+from jax.sharding import Mesh
 
 from flaxformer_lite import checkpointing, sharding, storage, training
 from flaxformer_lite import config as config_lib
@@ -103,7 +104,8 @@ class RestoredRun:
     config: ml_collections.ConfigDict
     data: RunData
     model: Transformer
-    params: Any
+    params: Any  # Placed on ``mesh`` by the run's axis rules.
+    mesh: Mesh  # The run's mesh where it fits the devices here, otherwise every device data-parallel.
     label: str  # Which checkpoint: "1500", "best-1200" or "avg5-1500" (averaged steps, newest last).
 
 
@@ -113,18 +115,30 @@ def restore(workdir, checkpoint: str = "latest", average_last: int = 0,
 
     ``checkpoint`` is ``latest`` (the newest readable: a damaged one gives way to the one before, with a
     warning), ``best`` or a step; ``average_last=K`` averages the K most recent checkpoints up to it.
-    Parameters land on one device.
+    Parameters land on :func:`evaluation_mesh` by the run's axis rules.
     """
     config = load_config(workdir)
     if data_dir:
         config.data_dir = data_dir
     data = prepare_data(config, workdir)
     model = Transformer(data.model_config)
-    mesh = sharding.create_mesh((1, 1, 1), jax.devices()[:1])
+    mesh = evaluation_mesh(config)
+    abstract = training.abstract_params(model, mesh, rules=config_lib.axis_rules(config))
     params, label = checkpointing.restore_params(
-        RunDir.of(workdir).checkpoints, training.abstract_params(model, mesh), checkpoint,
+        RunDir.of(workdir).checkpoints, abstract, checkpoint,
         best_metric=config.get("checkpoint_best_metric") or None, average_last=average_last)
-    return RestoredRun(config, data, model, params, label)
+    return RestoredRun(config, data, model, params, mesh, label)
+
+
+def evaluation_mesh(config: ml_collections.ConfigDict) -> Mesh:
+    """The run's ``mesh_shape`` over every device here, or, where it does not fit them (a run trained on a
+    pod, evaluated on a workstation), every device along ``data``."""
+    try:
+        return sharding.create_mesh(tuple(config.mesh_shape))
+    except ValueError as error:
+        logging.info("The run's mesh_shape %s does not fit here (%s): decoding data-parallel over %d devices",
+                     tuple(config.mesh_shape), error, jax.device_count())
+        return sharding.create_mesh((-1, 1, 1))
 
 
 class RunInUseError(RuntimeError):

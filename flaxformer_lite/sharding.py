@@ -99,6 +99,19 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
                  jax.process_count(), jax.local_device_count(), jax.device_count())
 
 
+def define_distributed_flags() -> Callable[[], None]:
+    """Registers --coordinator_address, --num_processes and --process_id (the entry points share them);
+    returns a function that starts ``jax.distributed`` from them (call it first in ``main``)."""
+    from absl import flags  # Only the command-line programs need flags.
+
+    coordinator = flags.DEFINE_string(
+        "coordinator_address", None, "host:port of process 0 for multi-process runs; unset: detected on Slurm "
+        "and Cloud TPU, single process otherwise.")
+    processes = flags.DEFINE_integer("num_processes", None, "Processes in a multi-process run.")
+    process_id = flags.DEFINE_integer("process_id", None, "This process's index in a multi-process run.")
+    return lambda: initialize_distributed(coordinator.value, processes.value, process_id.value)
+
+
 def all_processes_agree(ok: bool) -> bool:
     """True only if ``ok`` holds on every process (a collective: every process must call it)."""
     if jax.process_count() == 1:
@@ -189,6 +202,21 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 def data_parallel_size(mesh: Mesh) -> int:
     return mesh.shape["data"] * mesh.shape["fsdp"]
+
+
+def global_rows(array: np.ndarray, rows: NamedSharding) -> jax.Array:
+    """A global array of ``array``, which every process holds whole, with its rows laid out by ``rows``."""
+    array = np.asarray(array)
+    return jax.make_array_from_callback(array.shape, rows, lambda index: array[index])
+
+
+def to_host(array: jax.Array) -> np.ndarray:
+    """The whole of a global array as NumPy on every process (a collective when there are several)."""
+    if jax.process_count() == 1:
+        return np.asarray(array)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(array, tiled=True))
 
 
 def shard_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:

@@ -199,7 +199,8 @@ def _train(config: ml_collections.ConfigDict, workdir, mesh) -> dict[str, float]
 
     decode_fn, decode_data = None, None
     if config.decode_eval_examples:
-        decode_fn = evaluation.make_decode_fn(model, evaluation.DecodeConfig(method=config.decode_eval_method))
+        decode_fn = evaluation.make_decode_fn(model, evaluation.DecodeConfig(method=config.decode_eval_method),
+                                              mesh)
         # The first decode_eval_examples examples, longest first. Every process decodes the same (whole)
         # batches, so that the jitted decoder gets identical inputs everywhere and every process scores all
         # of them.

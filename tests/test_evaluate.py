@@ -15,9 +15,10 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = ROOT / "experiments" / "configs" / "tiny.py"
 
 
-def run(script, *args, stdin=None):
+def run(script, *args, stdin=None, devices=1):
     # Every compiled program goes to the run's compilation cache, however quickly it compiled.
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}" if devices > 1 else "")
     return subprocess.run([sys.executable, str(ROOT / "experiments" / script), *args], capture_output=True,
                           text=True, timeout=300, env=env, cwd=ROOT, input=stdin)
 
@@ -90,17 +91,33 @@ def test_evaluate_restores_the_best_checkpoint(trained_run):
     assert scores[step] == max(scores.values())  # The run's own metric (config.checkpoint_best_metric).
 
 
-def test_evaluate_again_loads_its_compiled_programs(trained_run):
+def test_evaluate_again_compiles_nothing_new(trained_run):
+    """The second evaluation finds every program in JAX's cache in the workdir: no new cache entry."""
     args = (f"--workdir={trained_run}", "--split=test[:12]", "--method=greedy", "--batch_size=4")
     first = run("evaluate.py", *args)
     assert first.returncode == 0, first.stderr[-3000:]
-    assert "Stored compiled program" in first.stderr and "Loaded compiled program" not in first.stderr
     (hypotheses,) = (trained_run / "eval").glob("test[[]:12]-*-greedy.txt")
     translations = hypotheses.read_text()
+    entries = sorted(p.name for p in (trained_run / "compilation_cache").iterdir())
     again = run("evaluate.py", *args)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert "Loaded compiled program" in again.stderr and "Stored compiled program" not in again.stderr
+    assert sorted(p.name for p in (trained_run / "compilation_cache").iterdir()) == entries
     assert hypotheses.read_text() == translations
+
+
+@pytest.mark.parametrize("method", ["greedy", "beam"])
+def test_evaluate_on_8_devices_gives_the_hypotheses_and_scores_of_one(trained_run, method):
+    """The decoding batches split over 8 (virtual) devices, 10 rows padded to 16, parameters replicated."""
+    outputs = []
+    for devices in (1, 8):
+        result = run("evaluate.py", f"--workdir={trained_run}", "--split=test[:30]", f"--method={method}",
+                     "--batch_size=10", devices=devices)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert f"on mesh {{'data': {devices}, 'fsdp': 1, 'tensor': 1}}" in result.stderr
+        (report,) = (trained_run / "eval").glob(f"test[[]:30]-*-{'greedy' if method == 'greedy' else 'beam'}*.json")
+        scores = json.loads(report.read_text())
+        outputs.append((report.with_suffix(".txt").read_text(), scores["bleu"], scores["exact_match"]))
+    assert outputs[0] == outputs[1] and outputs[0][0].count("\n") == 30
 
 
 def test_a_damaged_latest_checkpoint_gives_way_to_the_previous_one(trained_run, tmp_path):

@@ -28,7 +28,7 @@ def test_python_example_runs_as_written():
     (example,) = code_blocks("python")
     namespace = {}
     exec(compile(example, "README.md", "exec"), namespace)
-    assert namespace["logits"].shape == (1, 4, ffl.preset("tiny").vocab_size)
+    assert namespace["logits"].shape == (1, 4, ffl.preset("tiny").padded_target_vocab_size)
 
 
 def test_preset_table_parameter_counts():
