@@ -10,22 +10,34 @@ vocabulary, which training would take from its tokenizer.
 
 * ``train``: the compiled train step (forward, backward, optimizer update) on the config's mesh: compile
   time, then the median, min and max step time over ``--steps`` steps after ``--warmup`` more, as target and
-  total (source + target) tokens/s, and MFU = analytic FLOPs (``flaxformer_lite/flops.py``) / step time /
-  matmul peak.
+  total (source + target) tokens/s, and MFU = analytic FLOPs of the global batch (``flaxformer_lite/flops.py``)
+  / step time / (per-device matmul peak x the number of devices of the mesh the step runs on).
 * ``greedy`` / ``beam``: cached incremental decoding of ``--decode_batch`` sources of the config's input
   length, exactly ``--decode_length`` tokens each (the end-of-sentence token is disabled so that no row stops
   early, as in the PyTorch peer), as generated tokens/s (beam: tokens of the returned hypotheses).
 
-The matmul peak is measured here (``--peak_size`` square ``jnp.dot``; for bfloat16 with float32 accumulation,
-the form the model uses) unless ``--peak_gflops`` gives it. Peak memory is the process's RSS on a CPU and the
-device's ``peak_bytes_in_use`` on an accelerator. Prints a table and, with ``--out``, appends one JSON line
-per mode. This machine is shared: compare implementations side by side, alternating, and quote medians.
+The peak is per device. ``--peak=measured`` (the default) times a ``--peak_size`` square ``jnp.dot`` on one device
+of the mesh, alone (for bfloat16 with float32 accumulation, the form the model uses); ``--peak=datasheet``
+takes the bfloat16 dense tensor-core peak of the GPU from ``DATASHEET_BF16_TFLOPS`` by its ``device_kind``
+(H100 SXM / H200 989, H100 PCIe 756, A100 312 TFLOP/s), as MaxText reports MFU; ``--peak_gflops`` gives the
+per-device peak directly (e.g. from a datasheet) and wins over both. The peak of the step is that x
+``num_devices`` (``mesh.devices.size``); decoding runs on one device. On virtual CPU devices
+(``--xla_force_host_platform_device_count``) the devices share the real cores, so measured peak x devices
+ignores their contention: it overstates the combined peak, and MFU comes out low.
+
+Each JSON line records ``peak_gflops_per_device``, ``num_devices``, ``peak_gflops`` (= their product, all
+devices of the row), ``peak_source`` (flag, measured or datasheet), the measured per-device peak when one was
+measured, and the host CPU's model and whether it has AMX / AVX-512 BF16 (``/proc/cpuinfo`` flags
+``amx_bf16``, ``avx512_bf16``); the table's header line repeats them. Peak memory is the process's RSS on a CPU
+and the device's ``peak_bytes_in_use`` on an accelerator. Prints a table and, with ``--out``, appends one JSON
+line per mode. This machine is shared: compare implementations side by side, alternating, and quote medians.
 """
 
 import functools
 import json
 import os
 import platform
+import re
 import resource
 import statistics
 import sys
@@ -55,7 +67,10 @@ _DECODE_BATCH = flags.DEFINE_integer("decode_batch", 32, "Sentences per decoding
 _DECODE_LENGTH = flags.DEFINE_integer("decode_length", 64, "Tokens generated per sentence.")
 _DECODE_REPS = flags.DEFINE_integer("decode_reps", 5, "Timed decoding batches.")
 _BEAM_SIZE = flags.DEFINE_integer("beam_size", 4, "Beam size of the beam mode.")
-_PEAK_GFLOPS = flags.DEFINE_float("peak_gflops", 0.0, "Matmul peak in GFLOP/s for MFU; 0: measure it.")
+_PEAK = flags.DEFINE_enum("peak", "measured", ["measured", "datasheet"],
+                          "Per-device peak for MFU: a measured matmul, or the GPU's datasheet bf16 dense peak.")
+_PEAK_GFLOPS = flags.DEFINE_float("peak_gflops", 0.0, "PER-DEVICE matmul peak in GFLOP/s for MFU (e.g. the GPU's "
+                                  "bf16 dense datasheet peak); MFU divides by it x the mesh's devices. 0: --peak.")
 _PEAK_SIZE = flags.DEFINE_integer("peak_size", 2048, "Matrix size of the peak measurement.")
 _TAG = flags.DEFINE_string("tag", "", "Free-form label stored in the JSON lines.")
 _OUT = flags.DEFINE_string("out", None, "Append one JSON line per mode to this file.")
@@ -74,10 +89,52 @@ def _time_calls(fn, reps: int) -> list[float]:
     return seconds
 
 
-def matmul_peak_gflops(dtype: str, size: int, reps: int = 10) -> float:
-    """Median GFLOP/s of a compiled ``size x size`` matmul; bfloat16 inputs accumulate in float32."""
-    a = jax.random.normal(jax.random.key(0), (size, size), dtype)
-    b = jax.random.normal(jax.random.key(1), (size, size), dtype)
+# Dense (no 2:4 sparsity) bfloat16 tensor-core peaks, TFLOP/s per device, from NVIDIA's datasheets; matched
+# against jax's ``device_kind`` (CUDA's device name, e.g. "NVIDIA H100 80GB HBM3", "NVIDIA H200"), first match.
+# NVL parts (lower clocks) are left out on purpose: pass --peak_gflops for them.
+DATASHEET_BF16_TFLOPS: tuple[tuple[str, float, str], ...] = (
+    (r"\bh200\b(?!.*nvl)", 989.0, "H200 SXM"),
+    (r"\bh100\b.*pcie", 756.0, "H100 PCIe"),
+    (r"\bh100\b(?!.*nvl)", 989.0, "H100 SXM"),  # "NVIDIA H100 80GB HBM3", "NVIDIA H100 SXM5 ...".
+    (r"\ba100\b", 312.0, "A100"),  # SXM and PCIe alike.
+)
+
+
+def datasheet_peak_gflops(device_kind: str) -> float:
+    """The per-device bf16 dense datasheet peak of ``device_kind`` in GFLOP/s; ValueError when unknown."""
+    for pattern, tflops, _ in DATASHEET_BF16_TFLOPS:
+        if re.search(pattern, device_kind.lower()):
+            return tflops * 1e3
+    known = ", ".join(name for _, _, name in DATASHEET_BF16_TFLOPS)
+    raise ValueError(f"--peak=datasheet: no datasheet peak for device_kind {device_kind!r} (known: {known}); "
+                     "pass the per-device peak with --peak_gflops, or use --peak=measured")
+
+
+def cpu_info() -> dict:
+    """The host CPU's model and whether it has AMX / AVX-512 BF16 (None: unknown, no /proc/cpuinfo)."""
+    model, cpu_flags = platform.processor() or platform.machine(), None
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and model != value.strip():
+                    model = value.strip()
+                elif key.strip() == "flags" and cpu_flags is None:
+                    cpu_flags = set(value.split())
+    except OSError:
+        pass
+    has = (lambda flag: None) if cpu_flags is None else (lambda flag: flag in cpu_flags)
+    return dict(cpu_model=model, cpu_amx_bf16=has("amx_bf16"), cpu_avx512_bf16=has("avx512_bf16"))
+
+
+def matmul_peak_gflops(dtype: str, size: int, reps: int = 10, device: jax.Device | None = None) -> float:
+    """Median GFLOP/s of a compiled ``size x size`` matmul on one device (default: the first one), alone.
+
+    bfloat16 inputs accumulate in float32.
+    """
+    device = device or jax.devices()[0]
+    a = jax.device_put(jax.random.normal(jax.random.key(0), (size, size), dtype), device)
+    b = jax.device_put(jax.random.normal(jax.random.key(1), (size, size), dtype), device)
     product = jax.jit(functools.partial(jnp.dot, preferred_element_type=jnp.float32))
     product(a, b).block_until_ready()
     return 2 * size ** 3 / statistics.median(_time_calls(lambda: product(a, b), reps)) / 1e9
@@ -100,7 +157,7 @@ def random_batches(rng: np.random.Generator, count: int, batch: int, inputs_leng
                  targets=rng.integers(3, vocab, (batch, targets_length), dtype=np.int32)) for _ in range(count)]
 
 
-def bench_train(config, model: Transformer, mesh, peak: float) -> dict:
+def bench_train(config, model: Transformer, mesh, peak_per_device: float) -> dict:
     train_cfg = config_lib.build("train", config)
     optimizer = training.make_optimizer(train_cfg, model.config.d_model)
     _, state_sharding = training.state_shardings(model, optimizer, mesh)
@@ -122,14 +179,17 @@ def bench_train(config, model: Transformer, mesh, peak: float) -> dict:
         jax.block_until_ready(step(i + 1))
     counter = iter(range(10 ** 9))
     stats = _timings(_time_calls(lambda: step(next(counter)), _STEPS.value))
-    step_flops = flops.training_flops(model.config, batch, s, t)
+    step_flops = flops.training_flops(model.config, batch, s, t)  # The global batch, over all devices.
+    num_devices = mesh.devices.size
+    peak = peak_per_device * num_devices * 1e9  # FLOP/s of all the devices the step runs on.
     return dict(
         step_s=stats, compile_s=first_call - stats["median"],
         tgt_tok_per_s=batch * t / stats["median"], tgt_tok_per_s_min=batch * t / stats["max"],
         tgt_tok_per_s_max=batch * t / stats["min"], total_tok_per_s=batch * (s + t) / stats["median"],
         train_gflop_per_step=step_flops / 1e9, achieved_gflops=step_flops / stats["median"] / 1e9,
-        mfu=step_flops / stats["median"] / (peak * 1e9),
-        mfu_min=step_flops / stats["max"] / (peak * 1e9), mfu_max=step_flops / stats["min"] / (peak * 1e9))
+        num_devices=num_devices, peak_gflops=peak / 1e9,
+        mfu=step_flops / stats["median"] / peak,
+        mfu_min=step_flops / stats["max"] / peak, mfu_max=step_flops / stats["min"] / peak)
 
 
 def bench_decode(config, model: Transformer, method: str) -> dict:
@@ -150,6 +210,7 @@ def bench_decode(config, model: Transformer, method: str) -> dict:
     stats = _timings(_time_calls(lambda: decode(params, inputs), _DECODE_REPS.value))
     generated = rows * length
     return dict(decode_s=stats, compile_s=first_call - stats["median"], decode_batch=rows, decode_length=length,
+                num_devices=1,  # Unsharded: the jitted decode runs on the default device.
                 beam_size=_BEAM_SIZE.value if method == "beam" else 1,
                 tok_per_s=generated / stats["median"], tok_per_s_min=generated / stats["max"],
                 tok_per_s_max=generated / stats["min"])
@@ -166,17 +227,32 @@ def main(argv):
     config_lib.build("train", config)  # Fails early, naming the field, on a bad training value.
     model = Transformer(model_cfg)
     mesh = sharding.create_mesh(tuple(config.mesh_shape))
-    peak = _PEAK_GFLOPS.value or matmul_peak_gflops(model_cfg.dtype, _PEAK_SIZE.value)
+    first_device = mesh.devices.flat[0]
+    source = "flag" if _PEAK_GFLOPS.value else _PEAK.value
+    if source == "datasheet" and first_device.platform != "gpu":
+        raise app.UsageError(f"--peak=datasheet: only GPUs have a datasheet table, this is "
+                             f"{first_device.platform}; use --peak=measured or --peak_gflops")
+    # The datasheet look-up fails (unknown device) before anything is timed. A datasheet peak is recorded with
+    # a measured one beside it, to show how far a plain matmul gets.
+    datasheet = datasheet_peak_gflops(first_device.device_kind) if source == "datasheet" else None
+    measured = None if source == "flag" else matmul_peak_gflops(model_cfg.dtype, _PEAK_SIZE.value,
+                                                                device=first_device)
+    peak_per_device = dict(flag=_PEAK_GFLOPS.value, measured=measured, datasheet=datasheet)[source]
     common = dict(config=flags.FLAGS["config"].config_filename, tag=_TAG.value, dtype=model_cfg.dtype,
                   d_model=model_cfg.d_model, layers=[model_cfg.num_encoder_layers, model_cfg.num_decoder_layers],
                   vocab=model_cfg.vocab_size, batch=config.data.batch_size,
                   lengths=[config.data.max_inputs_length, config.data.max_targets_length],
-                  mesh=dict(mesh.shape), devices=f"{jax.device_count()} x {jax.devices()[0].device_kind}",
-                  jax=jax.__version__, peak_gflops=peak, peak_measured=not _PEAK_GFLOPS.value)
-    logging.info("matmul peak (%s): %.0f GFLOP/s", model_cfg.dtype, peak)
+                  mesh=dict(mesh.shape), devices=f"{jax.device_count()} x {first_device.device_kind}",
+                  jax=jax.__version__, peak_gflops_per_device=peak_per_device, peak_source=source,
+                  peak_measured=source == "measured", measured_peak_gflops_per_device=measured, **cpu_info())
+    logging.info("matmul peak (%s, %s): %.0f GFLOP/s per device", model_cfg.dtype, source, peak_per_device)
     rows = []
     for mode in _MODES.value:
-        result = bench_train(config, model, mesh, peak) if mode == "train" else bench_decode(config, model, mode)
+        if mode == "train":
+            result = bench_train(config, model, mesh, peak_per_device)
+        else:
+            result = bench_decode(config, model, mode)
+            result["peak_gflops"] = peak_per_device * result["num_devices"]
         row = dict(common, mode=mode, peak_memory_mb=peak_memory_mb(), **result)
         rows.append(row)
         if _OUT.value:
@@ -185,9 +261,24 @@ def main(argv):
     print(format_table(rows))
 
 
+def _yes_no(flag) -> str:
+    return "?" if flag is None else ("yes" if flag else "no")
+
+
+def format_header(row: dict) -> str:
+    """One line: devices, mesh, the per-device peak and its source, and the host CPU."""
+    mesh = " ".join(f"{axis}={size}" for axis, size in row["mesh"].items())
+    devices = int(np.prod(list(row["mesh"].values())))  # mesh.devices.size: what the train step runs on.
+    return (f"# {row['devices']} | mesh {mesh} | peak {row['peak_gflops_per_device']:,.0f} GFLOP/s per device "
+            f"({row['peak_source']}) x {devices} = {row['peak_gflops_per_device'] * devices:,.0f} for train; "
+            f"decoding on 1 | CPU {row['cpu_model']}, amx_bf16 {_yes_no(row['cpu_amx_bf16'])}, "
+            f"avx512_bf16 {_yes_no(row['cpu_avx512_bf16'])}")
+
+
 def format_table(rows: list[dict]) -> str:
-    lines = [f"{'mode':7} {'dtype':9} {'tokens/s (median, min-max)':32} {'seconds (median)':17} "
-             f"{'MFU':>6} {'compile s':>9} {'peak MB':>8}"]
+    lines = [format_header(rows[0])] if rows else []
+    lines.append(f"{'mode':7} {'dtype':9} {'tokens/s (median, min-max)':32} {'seconds (median)':17} "
+                 f"{'MFU':>6} {'compile s':>9} {'peak MB':>8}")
     for row in rows:
         seconds = row.get("step_s") or row["decode_s"]
         rate = row.get("tgt_tok_per_s") or row["tok_per_s"]

@@ -1,12 +1,18 @@
-"""The shapes of the speed benchmark, the same as ``../shared/bench/torch_peer.py`` uses for its PyTorch peer.
+"""The shapes of the speed benchmark; ``small`` and ``base`` are those ``../shared/bench/torch_peer.py`` uses.
 
     python experiments/benchmark.py --config=experiments/configs/benchmark.py:small
     python experiments/benchmark.py --config=experiments/configs/benchmark.py:base --config.model.dtype=bfloat16
+    python experiments/benchmark.py --config=experiments/configs/benchmark.py:big --config.model.dtype=bfloat16 \\
+        --peak=datasheet
 
 ``small``: shared vocabulary 8192, d_model 256, 4 heads, d_ff 1024, 3 + 3 layers, 32 pairs x (64 + 64) tokens.
-``base``: the paper's base model with a 32,000 vocabulary, 16 pairs x (64 + 64) tokens.
-Both pre-LN with dropout 0.1 and label smoothing 0.1, as the peer. Every token of a benchmark batch is real
-(random ids, no padding), so tokens/s counts real tokens.
+``base``: the paper's base model with a 32,000 vocabulary, 16 pairs x (64 + 64) tokens (the peer's shape).
+``base_gpu``: ``base`` with 128 pairs x (64 + 64) tokens, a batch sized for one H100 / H200 in bfloat16.
+``big``: the paper's big model (d_model 1024, 16 heads, d_ff 4096, 6 + 6 layers) with a 32,000 vocabulary,
+64 pairs x (64 + 64) tokens, which fits one H100 / H200 in bfloat16; too slow for a CPU beyond a few steps.
+All pre-LN with dropout 0.1 and label smoothing 0.1, as the peer (``big`` too, not the paper's 0.3 for
+En-De: dropout costs no matmul FLOPs, and one rate keeps the variants comparable). Every token of a benchmark
+batch is real (random ids, no padding), so tokens/s counts real tokens.
 """
 
 from flaxformer_lite import config as config_lib
@@ -14,6 +20,8 @@ from flaxformer_lite import config as config_lib
 _SHAPES = {
     "small": dict(preset="small", vocab_size=8192, batch_size=32),
     "base": dict(preset="base", vocab_size=32_000, batch_size=16),
+    "base_gpu": dict(preset="base", vocab_size=32_000, batch_size=128),
+    "big": dict(preset="big", vocab_size=32_000, batch_size=64),
 }
 
 
