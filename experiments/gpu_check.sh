@@ -6,7 +6,7 @@
 # 1. nvidia-smi;  2. a venv (.venv-gpu) with `pip install -e '.[test,gpu]'` (jax[cuda12]);  3. jax.devices();
 # 4. pytest -q -x of the attention / layers / transformer / training tests with JAX_PLATFORMS=cuda,cpu (the
 #    tests are CPU tests; conftest.py only setdefaults JAX_PLATFORMS=cpu, so the GPU is what they run on);
-# 5. experiments/benchmark.py on benchmark.py:base and :big in bfloat16, train + greedy + beam, MFU against
+# 5. experiments/benchmark.py on benchmark.py:base, :base_gpu and :big in bfloat16, train + greedy + beam, MFU against
 #    the datasheet bf16 peak; 6. the benchmark tables again, from the JSON lines.
 #
 # Every part runs under `timeout`, cut to what is left of GPU_CHECK_TOTAL_S (default 450 s); a part that
@@ -15,7 +15,7 @@
 # Results (log, JSON lines, pip output) go to $OUT if set, else ./gpu_check_results.
 #
 # Environment: GPU_CHECK_TOTAL_S (time budget), GPU_CHECK_VENV (venv path), GPU_CHECK_CONFIGS (benchmark
-# variants, default "base big"), GPU_CHECK_PYTEST_S (pytest's cap, 150), GPU_CHECK_MATMUL_PRECISION (float32 matmuls in pytest, default highest: the
+# variants, default "base base_gpu big"), GPU_CHECK_PYTEST_S (pytest's cap, 150), GPU_CHECK_MATMUL_PRECISION (float32 matmuls in pytest, default highest: the
 # tests' tolerances are for float32, and the GPU's default would use TF32; "default" to see TF32's effect).
 # GPU_CHECK_ALLOW_CPU=1: a dry run on a CPU (no nvidia-smi, no CUDA install: reuses GPU_CHECK_VENV, default
 # .venv, installing '.[test]' only if it lacks the project; JAX_PLATFORMS=cpu; the tiny config and few steps).
@@ -44,7 +44,7 @@ else
   VENV=${GPU_CHECK_VENV:-.venv-gpu}
   PLATFORMS=cuda
   TEST_PLATFORMS=cuda,cpu
-  CONFIGS=${GPU_CHECK_CONFIGS:-base big}
+  CONFIGS=${GPU_CHECK_CONFIGS:-base base_gpu big}
   PYTEST_S=${GPU_CHECK_PYTEST_S:-150}
 fi
 PY=$VENV/bin/python

@@ -84,6 +84,9 @@ def default_config() -> ml_collections.ConfigDict:
     config.checkpoint_every_steps = 1000  # Save a checkpoint every this many steps (and at the end).
     config.keep_checkpoints = 3  # Keep this many most recent checkpoints.
     config.async_checkpoints = True  # Write checkpoints in the background while training goes on.
+    # "START,COUNT": a jax.profiler trace of train steps START+1 ... START+COUNT into WORKDIR/tensorboard
+    # (TensorBoard's Profile tab, or xprof / Perfetto). "": no profile.
+    config.profile_steps = ""
     return config
 
 
@@ -118,6 +121,21 @@ def axis_rules(config: ml_collections.ConfigDict) -> tuple:
     return sharding.axis_rules(config.axis_rules.to_dict())
 
 
+def profile_steps(config: ml_collections.ConfigDict) -> tuple[int, int] | None:
+    """``config.profile_steps`` as (start, count), or None when no profile is asked for."""
+    text = str(config.get("profile_steps") or "").strip()
+    if not text:
+        return None
+    try:
+        start, count = (int(part) for part in text.split(","))
+    except ValueError:
+        start, count = -1, 0
+    if start < 0 or count < 1:
+        raise ValueError(f"config.profile_steps={text!r}: expected START,COUNT with START >= 0 and COUNT >= 1, "
+                         "e.g. --config.profile_steps=10,5")
+    return start, count
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
     """Builds every section once, so that a bad value fails before anything is written to disk."""
     for section in SECTIONS:
@@ -132,6 +150,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ValueError("config.checkpoint_best_metric needs checkpoint_every_steps to be a multiple of "
                          "eval_every_steps, so that every checkpoint has a metric")
     axis_rules(config)
+    profile_steps(config)
     for name in ("eval_every_steps", "checkpoint_every_steps", "metrics_every_steps", "keep_checkpoints",
                  "stop_check_every_steps"):
         if config[name] < 1:

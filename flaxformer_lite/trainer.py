@@ -225,9 +225,12 @@ def _train(config: ml_collections.ConfigDict, workdir, mesh) -> dict[str, float]
                          config.max_train_seconds)
     last_metrics: dict[str, float] = {}
     step = start_step
+    profiler = _Profiler(config_lib.profile_steps(config), run_dir.tensorboard)
     try:
         while step < config.num_train_steps:
+            profiler.before(step)
             state, metrics = train_step(state, sharding.shard_batch(next(batches), mesh))
+            profiler.after(step + 1, metrics)
             progress.add(metrics)
             step += 1
             stop = stopping.check(step, progress.training_seconds())
@@ -254,12 +257,37 @@ def _train(config: ml_collections.ConfigDict, workdir, mesh) -> dict[str, float]
                 logging.warning("Preempted: saved step %d; rerun the same command to resume.", step)
                 break
     finally:
+        profiler.stop()
         checkpoints.wait_until_finished()
         checkpoints.close()
         writer.close()
         stopping.close()
     logging.info("Done: step %d in %s (this session %.0f s).", step, run_dir.root, progress.session_seconds())
     return {"step": step, **last_metrics}
+
+
+class _Profiler:
+    """A ``jax.profiler`` trace of train steps ``start + 1 ... start + count`` (``config.profile_steps``)."""
+
+    def __init__(self, steps: tuple[int, int] | None, directory):
+        self._steps, self._directory, self._running = steps, directory, False
+
+    def before(self, step: int) -> None:
+        if self._steps and step == self._steps[0]:
+            jax.profiler.start_trace(str(self._directory))
+            self._running = True
+
+    def after(self, step: int, metrics) -> None:
+        if self._running and step == sum(self._steps):
+            jax.block_until_ready(metrics)  # The traced steps have run, not only been dispatched.
+            self.stop()
+            logging.info("Wrote a profile of steps %d-%d to %s: tensorboard --logdir %s (Profile tab)",
+                         self._steps[0] + 1, step, self._directory, self._directory)
+
+    def stop(self) -> None:
+        if self._running:
+            jax.profiler.stop_trace()
+            self._running = False
 
 
 class _Progress:

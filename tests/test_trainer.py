@@ -51,9 +51,13 @@ def final_params(workdir, step):
 
 def test_train_script_runs_the_tiny_config_end_to_end(tmp_path, data_dir):
     workdir = tmp_path / "run"
-    result = run_train(f"--config={TINY}", f"--workdir={workdir}", f"--config.data_dir={data_dir}")
+    # --jax_platforms: JAX's own flags reach it (jax.config.config_with_absl). A profile of steps 3-4.
+    result = run_train(f"--config={TINY}", f"--workdir={workdir}", f"--config.data_dir={data_dir}",
+                       "--jax_platforms=cpu", "--config.profile_steps=2,2")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "eval/loss=" in result.stdout
+    assert "Wrote a profile of steps 3-4" in result.stderr
+    assert list((workdir / "tensorboard" / "plugins" / "profile").glob("*/*.xplane.pb"))
     config = json.loads((workdir / "config.json").read_text())
     assert config["model"]["vocab_size"] > 3 and config["dataset"]["kind"] == "scan"
     records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
