@@ -58,8 +58,10 @@ def main(argv):
     if batch_size:
         data_cfg = data_cfg.__class__(**{**data_cfg.__dict__, "batch_size": batch_size})
     source = datasets.load_split(config_lib.build("dataset", run.config), split, run.config.data_dir)
+    # Every process reads the whole split: the decoder takes whole batches and splits their rows itself.
     eval_data = pipeline.make_eval_data(source, run.data.inputs_tokenizer, run.data.targets_tokenizer, data_cfg,
-                                        max_examples=_MAX_EXAMPLES.value, longest_first=True)
+                                        process_index=0, process_count=1, max_examples=_MAX_EXAMPLES.value,
+                                        longest_first=True)
     logging.info("Translating %s (%d examples) with checkpoint %s, %s, on mesh %s", split, len(source),
                  run.label, decoding_label(decode_cfg), dict(run.mesh.shape))
     decode_fn = evaluation.make_decode_fn(run.model, decode_cfg, run.mesh)

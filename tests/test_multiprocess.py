@@ -161,6 +161,37 @@ def test_two_processes_of_four_devices_match_one_process_of_eight(tmp_path, data
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
                            saved_params(workdir, STEPS), params)
 
+    # Evaluation by both processes (rows split over all 8 devices, one report by process 0) equals one
+    # process of 8 devices. (Not one device: after 3 steps many logits nearly tie, and other per-device
+    # shapes round differently; tests/test_evaluate.py compares 8 devices with 1 on a 6-step run.)
+    evaluate = [sys.executable, str(ROOT / "experiments" / "evaluate.py"), f"--workdir={workdir}",
+                "--split=test[:20]", "--method=beam", "--beam_size=2", "--batch_size=6"]
+    report = workdir / "eval" / f"test[:20]-{STEPS}-beam2-a0.6.json"
+    single = subprocess.run(evaluate, capture_output=True, text=True, timeout=300, cwd=ROOT,
+                            env=dict(os.environ, JAX_PLATFORMS="cpu",
+                                     XLA_FLAGS="--xla_force_host_platform_device_count=8"))
+    assert single.returncode == 0, single.stderr[-3000:]
+    expected = (json.loads(report.read_text()), report.with_suffix(".txt").read_text())
+    report.unlink()
+    port, env = free_port(), dict(os.environ, JAX_PLATFORMS="cpu",
+                                  XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    procs = [subprocess.Popen([*evaluate, f"--coordinator_address=localhost:{port}", "--num_processes=2",
+                               f"--process_id={index}"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, env=env, cwd=ROOT) for index in range(2)]
+    try:
+        outputs = [proc.communicate(timeout=300)[0] for proc in procs]
+    finally:
+        for proc in procs:
+            proc.kill()
+    for proc, output in zip(procs, outputs):
+        assert proc.returncode == 0, output[-3000:]
+    assert "on mesh {'data': 8, 'fsdp': 1, 'tensor': 1}" in outputs[0]
+    assert ("BLEU" in outputs[0]) and ("BLEU" not in outputs[1])  # Only process 0 reports.
+    scores, hypotheses = json.loads(report.read_text()), report.with_suffix(".txt").read_text()
+    assert hypotheses == expected[1] and hypotheses.count("\n") == 20
+    assert {k: scores[k] for k in ("bleu", "chrf", "exact_match")} == \
+        {k: expected[0][k] for k in ("bleu", "chrf", "exact_match")}
+
 
 # ----------------------------------------------------------------------------------- surviving a cluster
 # Two processes of 4 devices on a split whose shards differ in size (256 and 255 examples), long enough to be
