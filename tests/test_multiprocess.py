@@ -239,6 +239,7 @@ def resumed_from(results) -> int:
     return step
 
 
+@pytest.mark.slow
 def test_interrupted_runs_resume_to_the_uninterrupted_run_bit_for_bit(tmp_path, data_dir):
     """Both processes killed (kill -9), or one of them sent SIGTERM: the rerun ends where an uninterrupted
     run does, with the same loss at every step and the same parameters. One test, so that the uninterrupted
@@ -281,6 +282,7 @@ def test_interrupted_runs_resume_to_the_uninterrupted_run_bit_for_bit(tmp_path, 
     assert_same_run(preempted, reference)
 
 
+@pytest.mark.slow
 def test_time_budget_of_one_process_stops_both_after_the_same_step(tmp_path, data_dir):
     workdir = tmp_path / "budget"
     # Process 0's budget runs out at its first step, process 1's never: both stop at the first agreement.

@@ -74,6 +74,7 @@ def run_sweep(root, data_dir, *flags):
         capture_output=True, text=True, timeout=400, env=env, cwd=ROOT)
 
 
+@pytest.mark.slow
 def test_tiny_sweep_reports_a_failed_point_and_reruns_nothing_finished(tmp_path, data_dir):
     root = tmp_path / "sweep"
     result = run_sweep(root, data_dir)

@@ -70,6 +70,7 @@ def test_train_script_runs_the_tiny_config_end_to_end(tmp_path, data_dir):
     assert "step 6/6" in result.stderr and "tok/s" in result.stderr and "ETA" in result.stderr
 
 
+@pytest.mark.slow
 def test_resume_gives_bitwise_the_same_parameters(tmp_path, data_dir):
     overrides = {"model.dropout_rate": 0.1, "data.batch_size": 8}  # Dropout: the rng must resume too.
     straight = tmp_path / "straight"

@@ -78,7 +78,10 @@ def test_gradient_accumulation_equals_the_full_batch(optimizer):
     assert metrics_full["tokens"] == metrics_acc["tokens"]
     np.testing.assert_allclose(metrics_acc["loss"], metrics_full["loss"], rtol=1e-5)
     np.testing.assert_allclose(metrics_acc["grad_norm"], metrics_full["grad_norm"], rtol=1e-5)
-    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), params_acc, params_full)
+    # Within 1/1000 of one step (the learning rate): Adam's first update, lr * g / (|g| + eps), turns float32
+    # rounding in the order of the summed gradients into ~1e-6 differences where |g| is only ~100 eps.
+    tolerance = 1e-3 * full_cfg.learning_rate
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=tolerance), params_acc, params_full)
 
 
 def _train_three_steps(mesh_shape):
