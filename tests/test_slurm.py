@@ -132,6 +132,7 @@ def slurm(tmp_path_factory):
                     proc.kill()
 
 
+@pytest.mark.slow
 def test_slurm_backend_runs_a_sweep_as_an_array_job(tmp_path, slurm):
     sweep_file = tmp_path / "two.py"
     sweep_file.write_text("from flaxformer_lite import sweeps\n\n\ndef get_sweep():\n"
@@ -156,6 +157,7 @@ def test_slurm_backend_runs_a_sweep_as_an_array_job(tmp_path, slurm):
     assert again.returncode == 0 and "submitted" not in again.stdout and "skipped 2" in again.stdout
 
 
+@pytest.mark.slow
 def test_train_sbatch_runs_two_processes_under_srun(tmp_path, slurm):
     """launch/slurm/train.sbatch on the one local node: 2 srun tasks x 4 CPU devices form one 8-device run."""
     workdir, data_dir = tmp_path / "run", tmp_path / "tfds"
