@@ -57,7 +57,7 @@ from flaxformer_lite import decoding, flops, sharding, training  # noqa: E402
 from flaxformer_lite import config as config_lib  # noqa: E402
 from flaxformer_lite.transformer import Transformer  # noqa: E402
 
-jax.config.config_with_absl()  # --jax_* flags (--jax_platforms=cpu, --jax_log_compiles, ...).
+config_lib.register_jax_flags()  # --jax_* flags (--jax_platforms=cpu, --jax_log_compiles, ...).
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "benchmark.py")
 _CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "Experiment config file [:variant].",

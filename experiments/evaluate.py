@@ -22,7 +22,7 @@ from flaxformer_lite import run as run_lib  # noqa: E402
 from flaxformer_lite import config as config_lib  # noqa: E402
 from flaxformer_lite.data import datasets, pipeline  # noqa: E402
 
-jax.config.config_with_absl()  # --jax_* flags (--jax_platforms=cpu, --jax_log_compiles, ...).
+config_lib.register_jax_flags()  # --jax_* flags (--jax_platforms=cpu, --jax_log_compiles, ...).
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory written by experiments/train.py.", required=True)
 _SPLIT = flags.DEFINE_string("split", None, "Split to translate; default: the run's eval_split.")

@@ -9,15 +9,15 @@ import os
 import sys
 
 from absl import app, flags, logging
-import jax
 from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # Run from a checkout.
 
+from flaxformer_lite import config as config_lib  # noqa: E402
 from flaxformer_lite import compilation_cache, sharding, storage, trainer  # noqa: E402
 from flaxformer_lite import run as run_lib  # noqa: E402
 
-jax.config.config_with_absl()  # --jax_* flags (--jax_platforms=cpu, --jax_log_compiles, ...).
+config_lib.register_jax_flags()  # --jax_* flags (--jax_platforms=cpu, --jax_log_compiles, ...).
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "scan.py")
 _CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "Experiment config file [:variant].",

@@ -13,10 +13,11 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # Run from a checkout.
 
+from flaxformer_lite import config as config_lib  # noqa: E402
 from flaxformer_lite import compilation_cache, evaluation, sharding  # noqa: E402
 from flaxformer_lite import run as run_lib  # noqa: E402
 
-jax.config.config_with_absl()  # --jax_* flags (--jax_platforms=cpu, --jax_log_compiles, ...).
+config_lib.register_jax_flags()  # --jax_* flags (--jax_platforms=cpu, --jax_log_compiles, ...).
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory written by experiments/train.py.", required=True)
 _TEXT = flags.DEFINE_multi_string("text", None, "Sentence(s) to translate; default: read stdin.")

@@ -27,14 +27,14 @@ import os
 import sys
 
 from absl import app, flags, logging
-import jax
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # Run from a checkout.
 
+from flaxformer_lite import config as config_lib  # noqa: E402
 from flaxformer_lite import plotting, storage  # noqa: E402
 
-jax.config.config_with_absl()  # --jax_* flags (--jax_platforms=cpu, --jax_log_compiles, ...).
+config_lib.register_jax_flags()  # --jax_* flags (--jax_platforms=cpu, --jax_log_compiles, ...).
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory written by experiments/train.py.", required=True)
 _TEXT = flags.DEFINE_string("text", None, "Source sentence whose attention maps to draw.")

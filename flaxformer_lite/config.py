@@ -90,6 +90,16 @@ def default_config() -> ml_collections.ConfigDict:
     return config
 
 
+def register_jax_flags() -> None:
+    """Makes JAX's own settings command-line flags (``--jax_platforms=cpu``, ``--jax_log_compiles``) of an
+    absl program; once per process, however many entry points a process loads (tests load several)."""
+    import jax
+    from absl import flags
+
+    if "jax_platforms" not in flags.FLAGS:
+        jax.config.config_with_absl()
+
+
 def with_preset(config: ml_collections.ConfigDict, preset_name: str, **overrides: Any) -> ml_collections.ConfigDict:
     """Sets ``config.model`` to a ``transformer.PRESETS`` size, then applies ``overrides``."""
     from flaxformer_lite.transformer import PRESETS  # Local: keeps the module's import list short.
