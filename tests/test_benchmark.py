@@ -74,9 +74,14 @@ def test_train_mfu_on_8_virtual_devices_divides_by_all_of_them(tmp_path):
 
 @pytest.mark.filterwarnings("ignore:the load_module:DeprecationWarning")  # ml_collections' config loader.
 def test_peak_helpers():
+    from absl import flags
+
     spec = importlib.util.spec_from_file_location("benchmark_under_test", ROOT / "experiments" / "benchmark.py")
     bench = importlib.util.module_from_spec(spec)
+    before = set(flags.FLAGS)
     spec.loader.exec_module(bench)
+    for name in set(flags.FLAGS) - before:  # Its flags (--out, --config...) would clash with another script's
+        delattr(flags.FLAGS, name)          # loaded later in this worker (tests/test_visualize.py).
     # device_kind strings as jax reports them on CUDA (the driver's device name).
     for kind, tflops in [("NVIDIA H100 80GB HBM3", 989), ("NVIDIA H200", 989), ("NVIDIA H100 PCIe", 756),
                          ("NVIDIA A100-SXM4-80GB", 312), ("NVIDIA A100 80GB PCIe", 312)]:
