@@ -135,8 +135,8 @@ def slurm(tmp_path_factory):
 @pytest.mark.slow
 def test_slurm_backend_runs_a_sweep_as_an_array_job(tmp_path, slurm):
     sweep_file = tmp_path / "two.py"
-    sweep_file.write_text("from flaxformer_lite import sweeps\n\n\ndef get_sweep():\n"
-                          "    return sweeps.grid(**{'train.learning_rate': [1e-3, 1e-2]})\n")
+    sweep_file.write_text("from flaxformer_lite import sweep_space\n\n\ndef get_sweep():\n"
+                          "    return sweep_space.grid(**{'train.learning_rate': [1e-3, 1e-2]})\n")
     root, data_dir = tmp_path / "sweep", tmp_path / "tfds"
     env = dict(slurm, JAX_PLATFORMS="cpu", XLA_FLAGS="")
     command = [sys.executable, str(SWEEP), "--backend=slurm", f"--config={TINY}", f"--sweep={sweep_file}",

@@ -5,11 +5,11 @@ on purpose (an activation the model does not have), so the sweep's failure repor
         --root=/tmp/sweep_tiny --workers=2 -- --config.data_dir=/tmp/tfds
 """
 
-from flaxformer_lite import sweeps
+from flaxformer_lite import sweep_space as space
 
 
 def get_sweep():
-    return sweeps.chain(
-        sweeps.grid(**{"train.learning_rate": [1e-3, 3e-3, 1e-2]}),
-        sweeps.fixed(**{"train.learning_rate": 3e-3, "model.activation": "swish"}),  # Fails: not an activation.
+    return space.chain(
+        space.grid(**{"train.learning_rate": [1e-3, 3e-3, 1e-2]}),
+        space.fixed(**{"train.learning_rate": 3e-3, "model.activation": "swish"}),  # Fails: not an activation.
     )
