@@ -1,4 +1,5 @@
-"""launch/sweep.py --backend=slurm against a real one-node Slurm started on localhost by the fixture.
+"""launch/sweep.py --backend=slurm against a real one-node Slurm started on localhost by the fixture (and the
+backend's bookkeeping against a fake ``sbatch``/``squeue``, which needs no Slurm).
 
 The fixture runs munged (with a fresh key), slurmctld and slurmd in the foreground from a private directory,
 with a minimal slurm.conf: no cgroups (proctrack/linuxproc, task/none), cons_tres over one node ``localhost``
@@ -7,6 +8,8 @@ with this machine's CPUs, no accounting. It needs the Debian packages ``slurm-wl
 """
 
 import csv
+import dataclasses
+import json
 import os
 import pathlib
 import shutil
@@ -130,6 +133,42 @@ def slurm(tmp_path_factory):
                     proc.wait(timeout=10)
                 except subprocess.TimeoutExpired:
                     proc.kill()
+
+
+def test_slurm_backend_submits_and_marks_tasks_slurm_killed(tmp_path, monkeypatch):
+    """A fake sbatch records its script and answers a job id; the fake squeue says the job is gone at once,
+    as after a time limit: the points it never ran are marked failed with the tail of their task's log."""
+    from flaxformer_lite import sweep_runner
+    from flaxformer_lite.sweep_runner import slurm as slurm_backend
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "sbatch").write_text(f'#!/bin/sh\necho "$@" >> {tmp_path}/sbatch.calls\necho "77;cluster"\n')
+    (bin_dir / "squeue").write_text("#!/bin/sh\nexit 1\n")
+    for tool in ("sbatch", "squeue"):
+        (bin_dir / tool).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    points = [{"train.learning_rate": lr} for lr in (1e-3, 1e-2, 1e-1)]
+    root = tmp_path / "sweep"
+    sweep = sweep_runner.Sweep(root, str(TINY), points, [], True, [], repo=str(ROOT))
+    sweep.set_status(2, status="failed", reason="before")
+    settings = sweep_runner.Settings(root=str(root), repo=str(ROOT), launcher=str(SWEEP), config=str(TINY),
+                                     backend="slurm", workers=1, poll_secs=0.01, wait=False, retry_failed=False)
+
+    assert slurm_backend.run_slurm(sweep, [0, 1, 2], settings) == "77"  # --nowait: submitted, nothing marked.
+    assert (tmp_path / "sbatch.calls").read_text() == f"--parsable {root}/slurm/sweep.sbatch\n"
+    assert "#SBATCH --array=0,1,2%1" in (root / "slurm" / "sweep.sbatch").read_text()
+    assert [sweep.status(i)["status"] for i in range(3)] == ["pending", "pending", "failed"]  # Not retried.
+
+    (root / "slurm" / "77_1.out").write_text("step 1\nslurmstepd: error: *** JOB 77 CANCELLED DUE TO TIME LIMIT\n")
+    assert slurm_backend.run_slurm(sweep, [0, 1], dataclasses.replace(settings, wait=True)) == "77"
+    jobs = json.loads((root / "slurm" / "jobs.json").read_text())
+    assert [(j["job_id"], j["indices"]) for j in jobs] == [("77", [0, 1, 2]), ("77", [0, 1])]
+    killed = sweep.status(1)
+    assert killed["status"] == "failed" and killed["reason"].startswith("slurm task 77_1 ended without finishing: ")
+    assert "TIME LIMIT" in killed["reason"] and killed["log_tail"][0] == "step 1"
+    assert sweep.status(0)["reason"] == "slurm task 77_0 ended without finishing: no output"
+    assert slurm_backend.run_slurm(sweep, [], settings) is None
 
 
 @pytest.mark.slow

@@ -1,6 +1,8 @@
-"""Sweeps: the override helpers, and launch/sweep.py running the 4-point tiny sweep (one point fails)."""
+"""Sweeps: the sweep_space helpers, the runner's settings, results and Slurm script, and launch/sweep.py running
+the 4-point tiny sweep (one point fails)."""
 
 import csv
+import dataclasses
 import json
 import os
 import pathlib
@@ -8,9 +10,12 @@ import subprocess
 import sys
 
 import pytest
+from absl import app, flags
 from ml_collections import config_flags  # noqa: F401
 
-from flaxformer_lite import sweeps
+from flaxformer_lite import sweep_space as space
+from flaxformer_lite import sweep_runner
+from flaxformer_lite.sweep_runner import results, slurm
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SWEEP = ROOT / "launch" / "sweep.py"
@@ -22,43 +27,173 @@ FAST = ["--config.num_train_steps=2", "--config.eval_every_steps=2", "--config.c
 
 
 def test_grid_zip_product_and_random():
-    grid = sweeps.grid(**{"config.model.d_model": [32, 64], "train.learning_rate": [1e-3, 1e-2]})
+    grid = space.grid(**{"config.model.d_model": [32, 64], "train.learning_rate": [1e-3, 1e-2]})
     assert grid == [{"model.d_model": d, "train.learning_rate": lr} for d in (32, 64) for lr in (1e-3, 1e-2)]
-    zipped = sweeps.zip_(**{"model.d_model": [32, 64], "model.d_ff": [64, 128]})
+    zipped = space.zip_(**{"model.d_model": [32, 64], "model.d_ff": [64, 128]})
     assert zipped == [{"model.d_model": 32, "model.d_ff": 64}, {"model.d_model": 64, "model.d_ff": 128}]
     with pytest.raises(ValueError, match="one length"):
-        sweeps.zip_(a=[1, 2], b=[1])
-    both = sweeps.product(zipped, sweeps.grid(seed=[0, 1]))
+        space.zip_(a=[1, 2], b=[1])
+    both = space.product(zipped, space.grid(seed=[0, 1]))
     assert len(both) == 4 and both[1] == {"model.d_model": 32, "model.d_ff": 64, "seed": 1}
-    sample = sweeps.random(5, seed=3, **{"train.learning_rate": sweeps.loguniform(1e-4, 1e-2),
+    sample = space.random(5, seed=3, **{"train.learning_rate": space.loguniform(1e-4, 1e-2),
                                         "model.activation": ["relu", "gelu"],
-                                        "train.warmup_steps": sweeps.randint(1, 9)})
-    assert sample == sweeps.random(5, seed=3, **{"train.learning_rate": sweeps.loguniform(1e-4, 1e-2),
+                                        "train.warmup_steps": space.randint(1, 9)})
+    assert sample == space.random(5, seed=3, **{"train.learning_rate": space.loguniform(1e-4, 1e-2),
                                                  "model.activation": ["relu", "gelu"],
-                                                 "train.warmup_steps": sweeps.randint(1, 9)})
-    assert sample != sweeps.random(5, seed=4, **{"train.learning_rate": sweeps.loguniform(1e-4, 1e-2),
+                                                 "train.warmup_steps": space.randint(1, 9)})
+    assert sample != space.random(5, seed=4, **{"train.learning_rate": space.loguniform(1e-4, 1e-2),
                                                  "model.activation": ["relu", "gelu"],
-                                                 "train.warmup_steps": sweeps.randint(1, 9)})
+                                                 "train.warmup_steps": space.randint(1, 9)})
     assert all(1e-4 <= p["train.learning_rate"] <= 1e-2 and 1 <= p["train.warmup_steps"] <= 9 for p in sample)
-    assert sweeps.chain(grid, grid[:1]) == grid  # Duplicates dropped.
-    assert sweeps.swept_keys(both) == ["model.d_model", "model.d_ff", "seed"]
+    assert space.chain(grid, grid[:1]) == grid  # Duplicates dropped.
+    assert space.swept_keys(both) == ["model.d_model", "model.d_ff", "seed"]
     with pytest.raises(ValueError, match="bad sweep key"):
-        sweeps.grid(**{"model..x": [1]})
+        space.grid(**{"model..x": [1]})
 
 
 def test_flags_and_names():
     point = {"model.d_model": 32, "train.learning_rate": 0.003, "mesh_shape": (2, 1, 1),
              "model.activation": "gelu", "train.grad_clip_norm": None, "data.pack": False}
-    assert sweeps.override_flags(point) == [
+    assert space.override_flags(point) == [
         "--config.model.d_model=32", "--config.train.learning_rate=0.003", "--config.mesh_shape=(2,1,1)",
         "--config.model.activation=gelu", "--config.train.grad_clip_norm=None", "--config.data.pack=False"]
-    name = sweeps.point_name(point)
+    name = space.point_name(point)
     assert name.startswith("d_model=32,learning_rate=0.003,mesh_shape=_2,1,1_,activation=gelu") and "/" not in name
-    assert name == sweeps.point_name(dict(point)) != sweeps.point_name({**point, "model.d_model": 64})
+    assert name == space.point_name(dict(point)) != space.point_name({**point, "model.d_model": 64})
     # Two keys with the same last component keep their full paths.
-    assert sweeps.point_name({"a.x": 1, "b.x": 2}).startswith("a.x=1,b.x=2-")
-    assert len(sweeps.load_sweep(str(ROOT / "experiments" / "sweeps" / "multi30k.py"))) == 8
-    assert len(sweeps.load_sweep(str(ROOT / "experiments" / "sweeps" / "multi30k.py") + ":small")) == 4
+    assert space.point_name({"a.x": 1, "b.x": 2}).startswith("a.x=1,b.x=2-")
+    assert len(space.load_sweep(str(ROOT / "experiments" / "sweeps" / "multi30k.py"))) == 8
+    assert len(space.load_sweep(str(ROOT / "experiments" / "sweeps" / "multi30k.py") + ":small")) == 4
+
+
+def test_old_module_name_is_the_same_module():
+    from flaxformer_lite import sweeps
+
+    assert sweeps is space and sweeps.grid(a=[1]) == [{"a": 1}]
+
+
+def parse_settings(*argv):
+    flag_values = flags.FlagValues()
+    sweep_runner.define_flags(flag_values)
+    rest = flag_values(["sweep.py", *argv])
+    return sweep_runner.Settings.from_flags(flag_values, rest, repo=str(ROOT), launcher=str(SWEEP))
+
+
+def test_settings_from_flags(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    settings = parse_settings(
+        "--config=cfg.py:small", "--sweep=s.py:x", "--root=out", "--workers=3", "--backend=slurm",
+        "--metric=evaluate/bleu", "--mode=max", "--noevaluate", "--eval_flags=--split=test",
+        "--eval_flags=--max_examples=4", "--noretry_failed", "--gpus_per_worker=2",
+        "--slurm_args=--partition=gpu --comment='a b'", "--nowait", "--poll_secs=0.5", "--",
+        "--config.data_dir=/tmp/tfds", "--config.num_train_steps=2")
+    assert settings == sweep_runner.Settings(
+        root=str(tmp_path / "out"), repo=str(ROOT), launcher=str(SWEEP), config=f"{tmp_path}/cfg.py:small",
+        sweep="s.py:x", train_flags=("--config.data_dir=/tmp/tfds", "--config.num_train_steps=2"), workers=3,
+        backend="slurm", metric="evaluate/bleu", mode="max", evaluate=False,
+        eval_flags=("--split=test", "--max_examples=4"), retry_failed=False, gpus_per_worker=2,
+        slurm_args=("--partition=gpu", "--comment=a b"), wait=False, collect=False, poll_secs=0.5)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        settings.workers = 1  # type: ignore[misc]
+
+    defaults = parse_settings("--config=cfg.py", "--root=out")
+    assert (defaults.workers, defaults.local_workers, defaults.backend, defaults.metric, defaults.mode) == (
+        1, 1, "local", "eval/loss", "auto")
+    assert defaults.evaluate and defaults.retry_failed and defaults.wait and not defaults.collect
+    assert defaults.train_flags == defaults.eval_flags == defaults.slurm_args == () and defaults.sweep == ""
+    assert parse_settings("--config=c.py", "--root=r", "--workers=0").local_workers == 1
+    # --collect and Slurm array tasks (--run_index) read the saved spec: no --config needed.
+    assert parse_settings("--root=out", "--collect").config is None
+    assert parse_settings("--root=out", "--run_index=3").run_index == 3
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--root=out"], "--config is required"),
+    (["--config=c.py", "--root=out", "--workers=-1"], "--workers=-1"),
+    (["--config=c.py", "--root=out", "--gpus_per_worker=-2"], "--gpus_per_worker=-2"),
+    (["--config=c.py", "--root=out", "--poll_secs=0"], "--poll_secs=0"),
+    (["--root=out", "--run_index=-1"], "--run_index=-1"),
+    (["--config=c.py", "--root=out", "--metric="], "--metric is empty"),
+    (["--config=c.py", "--root=out", "--slurm_args=--comment='a"], "--slurm_args"),
+])
+def test_bad_settings_name_the_flag(argv, message):
+    with pytest.raises(app.UsageError, match=message):
+        parse_settings(*argv)
+
+
+def test_slurm_script_from_settings(tmp_path):
+    points = [{"train.learning_rate": lr} for lr in (1e-3, 3e-3, 1e-2, 3e-2)]
+    sweep = sweep_runner.Sweep(tmp_path / "sw", "cfg.py", points, [], True, [], repo=str(ROOT))
+    settings = sweep_runner.Settings(root=str(tmp_path / "sw"), repo=str(ROOT), launcher=str(SWEEP),
+                                     config="cfg.py", workers=2, metric="evaluate/bleu", retry_failed=False,
+                                     slurm_args=("--partition=gpu", "--time=4:00:00"))
+    script = slurm.slurm_script(sweep, [1, 3], settings)
+    lines = script.splitlines()
+    assert lines[0] == "#!/bin/bash" and "#SBATCH --array=1,3%2" in lines
+    assert f"#SBATCH --output={tmp_path}/sw/slurm/%A_%a.out" in lines
+    assert "#SBATCH --partition=gpu" in lines and "#SBATCH --time=4:00:00" in lines
+    assert f"cd {ROOT}" in lines
+    assert lines[-1] == (f'exec {sys.executable} {SWEEP} --root={tmp_path}/sw --run_index="$SLURM_ARRAY_TASK_ID" '
+                         "--metric=evaluate/bleu --mode=auto --noretry_failed")
+    unlimited = slurm.slurm_script(sweep, [0], dataclasses.replace(settings, workers=0, retry_failed=True))
+    assert "#SBATCH --array=0\n" in unlimited and "--noretry_failed" not in unlimited
+
+
+def fake_point(sweep, index, *, eval_losses=(), bleu=None, trained=False, status=None):
+    """A workdir as a point leaves it, without training: metrics.jsonl, a checkpoint, an eval report."""
+    workdir = pathlib.Path(sweep.workdir(index))
+    workdir.mkdir(parents=True)
+    (workdir / "config.json").write_text(json.dumps({"num_train_steps": 4}))
+    lines = [{"step": 2 * (i + 1), "train/loss": 5.0 - i, "eval/loss": loss} for i, loss in enumerate(eval_losses)]
+    (workdir / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines) + '{"step": 9, "tr')
+    if trained:
+        (workdir / "checkpoints" / "4").mkdir(parents=True)
+    if bleu is not None:
+        (workdir / "eval").mkdir()
+        (workdir / "eval" / "validation.json").write_text(json.dumps({"bleu": bleu, "chrf": 40.0, "split": "x"}))
+    if status:
+        sweep.set_status(index, **status)
+
+
+def test_results_writer_on_a_fake_root(tmp_path):
+    points = [{"train.learning_rate": lr} for lr in (1e-3, 3e-3, 1e-2)]
+    points.append({"train.learning_rate": 3e-3, "model.activation": "swish"})
+    points.append({"train.learning_rate": 3e-2})
+    sweep = sweep_runner.Sweep(tmp_path / "sw", "cfg.py", points, [], True, [], repo=str(ROOT))
+    fake_point(sweep, 0, eval_losses=(3.0, 2.5), bleu=10.0, trained=True,
+               status={"status": "finished", "wall_seconds": 12.34})
+    fake_point(sweep, 1, eval_losses=(3.0, 1.5, 2.0), bleu=20.0, trained=True, status={"status": "running"})
+    fake_point(sweep, 2, eval_losses=(4.0,), status={"status": "running", "wall_seconds": 3.0})
+    fake_point(sweep, 3, status={"status": "failed", "reason": "train exit 1: ValueError: 'swish'",
+                                 "log_tail": ["Traceback", "ValueError: 'swish'"]})
+    # Point 4 has no workdir at all: pending.
+
+    rows = results.write_results(sweep, "eval/loss")
+    assert results.summary(rows) == "2 finished, 1 running, 1 pending, 1 failed"
+    with open(tmp_path / "sw" / "results.csv") as f:
+        table = list(csv.DictReader(f))
+    assert [r["name"] for r in table] == [sweep.names[i] for i in (1, 0, 2, 4, 3)]
+    assert [r["status"] for r in table] == ["finished", "finished", "running", "pending", "failed"]
+    best = table[0]
+    assert best["eval/loss (final)"] == "2.0" and best["eval/loss (best)"] == "1.5" and best["steps"] == "6"
+    assert best["train/loss"] == "3.0" and best["evaluate/bleu"] == "20.0" and best["reason"] == ""
+    assert table[1]["wall_s"] == "12.3" and table[1]["train.learning_rate"] == "0.001"
+    assert table[-1]["model.activation"] == "swish" and table[-1]["reason"] == "train exit 1: ValueError: 'swish'"
+    assert "eval/loss" not in table[0]  # The sorting metric is not repeated as an extra column.
+
+    markdown = (tmp_path / "sw" / "results.md").read_text()
+    assert markdown.startswith("# Sweep sw\n") and "5 points: 2 finished, 1 running, 1 pending, 1 failed" in markdown
+    assert "sorted by eval/loss (min)" in markdown and markdown.count("| finished |") == 2
+    assert f"## Failures\n\n### {sweep.names[3]}\n" in markdown
+    assert "```\nTraceback\nValueError: 'swish'\n```" in markdown
+    assert (tmp_path / "sw" / "results.png").stat().st_size > 1000
+
+    by_bleu = results.collect(sweep, "evaluate/bleu")  # "auto": higher BLEU is better.
+    assert [r["name"] for r in by_bleu[:2]] == [sweep.names[1], sweep.names[0]]
+    assert by_bleu[0]["eval/loss"] == 2.0 and "evaluate/bleu" not in by_bleu[0]
+    lowest_first = results.collect(sweep, "evaluate/bleu", mode="min")
+    assert [r["name"] for r in lowest_first[:2]] == [sweep.names[0], sweep.names[1]]
+    assert results.metric_mode("eval/perplexity") == "min" and results.metric_mode("eval/accuracy") == "max"
 
 
 @pytest.fixture(scope="module")
