@@ -201,9 +201,9 @@ def bench_decode(config, model: Transformer, method: str) -> dict:
     inputs = random_batches(np.random.default_rng(1), 1, rows, config.data.max_inputs_length, 1,
                             model.config.vocab_size)[0]["inputs"]
     # eos_id=-1 matches no token, so every sentence runs for exactly `length` steps.
-    decode = jax.jit(lambda p, x: decoding.decode_batch(
-        model, p, x, method=method, beam_size=_BEAM_SIZE.value, max_decode_length=length, extra_length=length,
-        eos_id=-1).lengths)
+    decode = jax.jit(lambda p, x: decoding.decode_batch(model, p, x, decoding.DecodeConfig(
+        method=method, beam_size=_BEAM_SIZE.value, max_decode_length=length, extra_length=length,
+        eos_id=-1)).lengths)
     start = time.perf_counter()
     lengths = np.asarray(decode(params, inputs))
     first_call = time.perf_counter() - start

@@ -17,7 +17,7 @@ import jax
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # Run from a checkout.
 
-from flaxformer_lite import compilation_cache, evaluation, sharding, storage  # noqa: E402
+from flaxformer_lite import compilation_cache, sharding, storage, translation  # noqa: E402
 from flaxformer_lite import run as run_lib  # noqa: E402
 from flaxformer_lite import config as config_lib  # noqa: E402
 from flaxformer_lite.data import datasets, pipeline  # noqa: E402
@@ -26,7 +26,7 @@ config_lib.register_jax_flags()  # --jax_* flags (--jax_platforms=cpu, --jax_log
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory written by experiments/train.py.", required=True)
 _SPLIT = flags.DEFINE_string("split", None, "Split to translate; default: the run's eval_split.")
-_DECODE_CONFIG = evaluation.define_decode_flags()
+_DECODE_CONFIG = translation.define_decode_flags()
 _MAX_EXAMPLES = flags.DEFINE_integer("max_examples", 0, "Translate only the first N examples (0: all).")
 _BATCH = flags.DEFINE_integer("batch_size", 0, "Sentences per decoding batch (0: 128 for greedy search, which "
                                "drops finished rows as it goes; the run's data.batch_size otherwise).")
@@ -37,7 +37,7 @@ _DATA_DIR = flags.DEFINE_string("data_dir", None, "tfds data directory, if not t
 _INITIALIZE_DISTRIBUTED = sharding.define_distributed_flags()
 
 
-def decoding_label(cfg: evaluation.DecodeConfig) -> str:
+def decoding_label(cfg: translation.DecodeConfig) -> str:
     if cfg.method == "beam":
         return f"beam{cfg.beam_size}-a{cfg.alpha:g}"
     if cfg.method == "sample":
@@ -64,8 +64,8 @@ def main(argv):
                                         longest_first=True)
     logging.info("Translating %s (%d examples) with checkpoint %s, %s, on mesh %s", split, len(source),
                  run.label, decoding_label(decode_cfg), dict(run.mesh.shape))
-    decode_fn = evaluation.make_decode_fn(run.model, decode_cfg, run.mesh)
-    metrics, rows = evaluation.evaluate_translations(
+    decode_fn = translation.make_decode_fn(run.model, decode_cfg, run.mesh)
+    metrics, rows = translation.translate_and_score(
         decode_fn, run.params, eval_data, run.data.targets_tokenizer, run.config.dataset.target_lang,
         max_examples=_MAX_EXAMPLES.value)
     stem = run_lib.RunDir.of(_WORKDIR.value).eval / f"{split}-{run.label}-{decoding_label(decode_cfg)}"

@@ -14,14 +14,14 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # Run from a checkout.
 
 from flaxformer_lite import config as config_lib  # noqa: E402
-from flaxformer_lite import compilation_cache, evaluation, sharding  # noqa: E402
+from flaxformer_lite import compilation_cache, sharding, translation  # noqa: E402
 from flaxformer_lite import run as run_lib  # noqa: E402
 
 config_lib.register_jax_flags()  # --jax_* flags (--jax_platforms=cpu, --jax_log_compiles, ...).
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory written by experiments/train.py.", required=True)
 _TEXT = flags.DEFINE_multi_string("text", None, "Sentence(s) to translate; default: read stdin.")
-_DECODE_CONFIG = evaluation.define_decode_flags()
+_DECODE_CONFIG = translation.define_decode_flags()
 _INITIALIZE_DISTRIBUTED = sharding.define_distributed_flags()
 _BATCH = 32  # Sentences decoded together.
 
@@ -42,7 +42,7 @@ def main(argv):
     compilation_cache.use_workdir_cache(_WORKDIR.value)
     cfg = _DECODE_CONFIG()
     run = run_lib.restore(_WORKDIR.value, flags.FLAGS.checkpoint, flags.FLAGS.average_last)
-    decode_fn = evaluation.make_decode_fn(run.model, cfg, run.mesh)
+    decode_fn = translation.make_decode_fn(run.model, cfg, run.mesh)
     lines = _TEXT.value or [line.rstrip("\n") for line in sys.stdin]
     for start in range(0, len(lines), _BATCH):
         chunk = lines[start: start + _BATCH]

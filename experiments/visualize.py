@@ -74,8 +74,8 @@ def translate(model, params, inputs: np.ndarray, method: str, beam_size: int, al
     """Target ids of the translation of ``inputs [1, s]``, EOS included when the model emitted one."""
     from flaxformer_lite import decoding  # pylint: disable=import-outside-toplevel
 
-    decoded = decoding.decode_batch(model, params, inputs, method=method, beam_size=beam_size, alpha=alpha,
-                                    eos_id=eos_id, extra_length=extra_length)
+    decoded = decoding.decode_batch(model, params, inputs, decoding.DecodeConfig(
+        method=method, beam_size=beam_size, alpha=alpha, eos_id=eos_id, extra_length=extra_length))
     tokens = np.asarray(decoded.tokens[0])[: int(decoded.lengths[0])].tolist()
     return tokens or [eos_id]  # An empty translation still gets one decoder position.
 

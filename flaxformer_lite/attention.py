@@ -7,6 +7,7 @@ reader can see exactly which positions each attention layer is allowed to use.
 
 from __future__ import annotations
 
+import enum
 import math
 
 import flax.linen as nn
@@ -14,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from flaxformer_lite import backend
-from flaxformer_lite.layers import DenseGeneral, constrain, dropout, einsum, matmul
+from flaxformer_lite.layers import DenseGeneral, constrain, dropout, einsum, policy_einsum
 
 # Logical layout of per-head activations [batch, length, heads, head_dim] (see sharding.DEFAULT_AXIS_RULES).
 _HEADS = ("activation_batch", "activation_length", "activation_heads", "activation_kv")
@@ -81,7 +82,7 @@ def dot_product_attention_weights(query: jax.Array, key: jax.Array, mask: jax.Ar
         logits = logits[:, :, None, :]
     else:
         key_axes = "bhkd" if heads_first_kv else "bkhd"
-        logits = matmul(f"bqhd,{key_axes}->bhqk", query, key, query.dtype, out_dtype="float32")
+        logits = policy_einsum(f"bqhd,{key_axes}->bhqk", query, key, query.dtype, out_dtype="float32")
     if mask is not None:
         logits = jnp.where(mask, logits, _MASKED_LOGIT)
     return jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
@@ -134,8 +135,31 @@ def dot_product_attention(
         output = output[:, None].astype(value.dtype)
     else:
         value_axes = "bhkd" if heads_first_kv else "bkhd"
-        output = matmul(f"bhqk,{value_axes}->bqhd", probs, value, value.dtype)
+        output = policy_einsum(f"bhqk,{value_axes}->bqhd", probs, value, value.dtype)
     return (output, weights) if return_weights else output
+
+
+class Mode(enum.Enum):
+    """What a :class:`MultiHeadAttention` call does (``mode=``); each mode takes the inputs it names.
+
+    * ``FULL``: training and the encoder: attends from ``inputs_q`` to ``inputs_kv``, no cache.
+    * ``SELF_STEP``: one decoding step of self-attention: appends the key/value of the one new position of
+      ``inputs_q`` to the ``cache`` collection and attends over the positions filled so far.
+    * ``CROSS_STEP``: one decoding step of encoder-decoder attention: attends from ``inputs_q`` over the
+      keys/values stored by ``PROJECT_CROSS_KV`` (the ``cross_kv`` collection), projecting nothing.
+    * ``PROJECT_CROSS_KV``: projects ``inputs_kv`` (the encoder output) into keys/values and stores them in
+      the ``cross_kv`` collection; no query, returns ``None``.
+    """
+
+    FULL = "full"
+    SELF_STEP = "self_step"
+    CROSS_STEP = "cross_step"
+    PROJECT_CROSS_KV = "project_cross_kv"
+
+
+# Which inputs each mode takes: (inputs_q, inputs_kv).
+_MODE_INPUTS = {Mode.FULL: (True, True), Mode.SELF_STEP: (True, False), Mode.CROSS_STEP: (True, False),
+                Mode.PROJECT_CROSS_KV: (False, True)}
 
 
 class MultiHeadAttention(nn.Module):
@@ -146,22 +170,18 @@ class MultiHeadAttention(nn.Module):
     ``intermediates`` collection as ``attention_weights``; this costs nothing unless the caller makes that
     collection mutable.
 
-    Incremental decoding (``decode=True``) keeps keys and values in the ``cache`` collection, which must be
-    mutable; every cache entry is a plain array whose leading axis is the batch (or a scalar counter), so a
-    beam search can gather or tile the cache along axis 0. Two kinds of cache:
+    Incremental decoding keeps keys and values in two collections (see :class:`Mode`), each entry a plain
+    array whose leading axis is the batch (or a scalar counter), so a search can gather, tile or drop rows
+    along axis 0:
 
-    * ``static_kv=False`` (decoder self-attention): each call takes one new query position, appends its key
-      and value at ``cache_index`` of ``cached_key``/``cached_value`` ``[b, h, max_length, d]`` (float32 on a
-      CPU, the compute dtype elsewhere: ``backend.decoding_cache_dtype``) and attends over the positions filled so far. The cache is created by a call
-      with ``decode=True`` on a full-length input (its shapes only: ``decoding.init_cache`` makes that
-      call under ``jax.eval_shape`` and fills the cache with zeros).
-    * ``static_kv=True`` (encoder-decoder attention): the keys and values come from a memory that is the
-      same at every step (the encoder output), so they are projected once per sentence, not once per step.
-      A call given ``inputs_kv`` projects it and stores the result as ``cached_key``/``cached_value``
-      ``[b, h, s, d]``; a call with ``inputs_kv=None`` skips the key/value projections and attends over the
-      stored ones. ``inputs_q=None`` only fills the cache (and returns ``None``): that is how a decoder
-      primes its cache before the first step. A cache made by ``init`` holds projections under ``init``'s
-      own fresh parameters: prime it, or give the first step ``inputs_kv``, with the real parameters.
+    * ``cache`` (``Mode.SELF_STEP``, decoder self-attention; must be mutable): each step appends its key and
+      value at ``cache_index`` of ``cached_key``/``cached_value`` ``[b, h, max_length, d]`` (float32 on a
+      CPU, the compute dtype elsewhere: ``backend.decoding_cache_dtype``). A ``SELF_STEP`` call that finds
+      no cache creates it from its input's length, and only that (``decoding.init_cache`` makes that call
+      on a full-length input under ``jax.eval_shape`` and fills the cache with zeros).
+    * ``cross_kv`` (``Mode.PROJECT_CROSS_KV`` writes it, ``Mode.CROSS_STEP`` reads it): the encoder-decoder
+      attention's ``key``/``value`` ``[b, h, s, d]``, projected from the encoder output once per sentence,
+      since it is the same at every step.
     """
 
     num_heads: int  # Number of attention heads h.
@@ -178,37 +198,39 @@ class MultiHeadAttention(nn.Module):
     def __call__(
         self,
         inputs_q: jax.Array | None,
-        inputs_kv: jax.Array | None,
+        inputs_kv: jax.Array | None = None,
         mask: jax.Array | None = None,
         *,
         deterministic: bool = True,
-        decode: bool = False,
-        static_kv: bool = False,
+        mode: Mode = Mode.FULL,
     ) -> jax.Array | None:
-        """Attends from ``inputs_q [b, q, d]`` to ``inputs_kv [b, k, d]`` under ``mask``.
-
-        ``decode`` and ``static_kv`` select the incremental-decoding cache (see the class docstring). Only
-        with ``decode=True, static_kv=True`` may ``inputs_kv`` be ``None`` (read the cached memory) or
-        ``inputs_q`` be ``None`` (only store the memory). ``static_kv`` has no effect without ``decode``.
-        """
+        """Attends from ``inputs_q [b, q, d]`` to ``inputs_kv [b, k, d]`` (``Mode.FULL``) under ``mask``,
+        or does the decoding step ``mode`` names (see :class:`Mode` for the inputs each one takes)."""
+        if not isinstance(mode, Mode):
+            raise ValueError(f"attention mode {mode!r} is not one of {[m.name for m in Mode]}")
+        for name, value, wanted in zip(("inputs_q", "inputs_kv"), (inputs_q, inputs_kv), _MODE_INPUTS[mode]):
+            if (value is not None) != wanted:
+                raise ValueError(f"attention mode {mode.name} {'needs' if wanted else 'takes no'} {name}")
         project = lambda name: lambda x: constrain(DenseGeneral(  # noqa: E731  (three identical projections)
             (self.num_heads, self.head_dim), ("embed",), ("heads", "kv"), use_bias=self.use_bias,
             dtype=self.dtype, param_dtype=self.param_dtype, name=name)(x), *_HEADS)
-        if decode and static_kv and inputs_q is None:
-            self._static_cache(inputs_kv, project)
+        if mode is Mode.PROJECT_CROSS_KV:
+            self._project_cross_kv(inputs_kv, project)
             return None
-        if inputs_q is None or (inputs_kv is None and not (decode and static_kv)):
-            raise ValueError("inputs_q/inputs_kv may be None only with decode=True and static_kv=True")
         d_model = inputs_q.shape[-1]
         query = project("query")(inputs_q)
         heads_first = False
-        if decode and static_kv:
-            key, value = self._static_cache(inputs_kv, project)
+        if mode is Mode.CROSS_STEP:
+            if not self.has_variable("cross_kv", "key"):
+                raise ValueError("attention mode CROSS_STEP needs the cross_kv collection: project the encoder "
+                                 "output with Mode.PROJECT_CROSS_KV first")
+            key, value = self.get_variable("cross_kv", "key"), self.get_variable("cross_kv", "value")
             heads_first = True
         else:
-            key = project("key")(inputs_kv)
-            value = project("value")(inputs_kv)
-            if decode:
+            source = inputs_q if mode is Mode.SELF_STEP else inputs_kv
+            key = project("key")(source)
+            value = project("value")(source)
+            if mode is Mode.SELF_STEP:
                 key, value, mask, heads_first = self._update_cache(key, value, mask)
 
         dropout_rng = None
@@ -242,7 +264,7 @@ class MultiHeadAttention(nn.Module):
             return key, value, mask, False
         batch, heads, max_length, depth = cached_key.value.shape
         if key.shape != (batch, 1, heads, depth):
-            raise ValueError(f"decode=True takes one position per call: expected keys of shape "
+            raise ValueError(f"attention mode SELF_STEP takes one position per call: expected keys of shape "
                              f"{(batch, 1, heads, depth)}, got {key.shape}")
         index = cache_index.value
         key = jax.lax.dynamic_update_slice(cached_key.value, as_cached(key), (0, 0, index, 0))
@@ -252,17 +274,10 @@ class MultiHeadAttention(nn.Module):
         filled = (jnp.arange(max_length) <= index)[None, None, None, :]
         return key, value, combine_masks(mask, filled), True
 
-    def _static_cache(self, inputs_kv: jax.Array | None, project):
-        """Keys/values of a memory that does not change between steps: projected once, then read back."""
-        if inputs_kv is not None:  # Stored heads-first, [b, h, s, d], as the self-attention cache.
-            cache_dtype = backend.decoding_cache_dtype(self.dtype)
-            key = jnp.swapaxes(project("key")(inputs_kv), 1, 2).astype(cache_dtype)
-            value = jnp.swapaxes(project("value")(inputs_kv), 1, 2).astype(cache_dtype)
-            cached_key = self.variable("cache", "cached_key", lambda: key)
-            cached_value = self.variable("cache", "cached_value", lambda: value)
-            cached_key.value, cached_value.value = key, value
-            return key, value
-        if not self.has_variable("cache", "cached_key"):
-            raise ValueError("static_kv decoding with inputs_kv=None needs a cache holding the projected "
-                             "memory: give inputs_kv (the encoder output) first")
-        return self.get_variable("cache", "cached_key"), self.get_variable("cache", "cached_value")
+    def _project_cross_kv(self, inputs_kv: jax.Array, project) -> None:
+        """Stores the keys/values of the encoder output, heads-first ``[b, h, s, d]`` as the self-attention
+        cache, in the ``cross_kv`` collection (which must be mutable)."""
+        cache_dtype = backend.decoding_cache_dtype(self.dtype)
+        for name in ("key", "value"):
+            projected = jnp.swapaxes(project(name)(inputs_kv), 1, 2).astype(cache_dtype)
+            self.put_variable("cross_kv", name, projected)

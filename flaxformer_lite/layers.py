@@ -2,8 +2,8 @@
 
 Every parameter is created through :func:`param_with_axes`, so it carries logical axis names (``vocab``,
 ``embed``, ``heads``, ``kv``, ``mlp``, ``position``) that the sharding rules of the training code map onto the
-device mesh. All matrix products, attention's included, go through :func:`matmul`, so there is one place
-that decides how the compute dtype is used and how gradients are computed.
+device mesh. All matrix products, attention's included, go through :func:`policy_einsum`, so there is one
+place that decides how the compute dtype is used and how gradients are computed.
 """
 
 from __future__ import annotations
@@ -43,8 +43,7 @@ def param_with_axes(
     """Creates a parameter whose metadata holds one logical axis name per dimension.
 
     When the parameter exists (``apply``), it is returned after a shape check, without ``Module.param``:
-    that traces the initializer again at every use only to check the shape, which took 15-20% of the time
-    to trace a greedy decoder or a gradient of the small model (0.36 -> 0.30 s, 0.46 -> 0.35 s).
+    that traces the initializer again at every use only to check the shape, which slows tracing.
     """
     if len(axes) != len(shape):
         raise ValueError(f"{name}: {len(axes)} axis names {tuple(axes)} for a {len(shape)}-d shape {shape}")
@@ -57,23 +56,26 @@ def param_with_axes(
     return module.param(name, nn.with_logical_partitioning(init, tuple(axes)), tuple(shape), jnp.dtype(dtype))
 
 
-def matmul(equation: str, x: jax.Array, y: jax.Array, dtype: str, out_dtype: str | None = None) -> jax.Array:
-    """``einsum(equation, x, y)`` with both operands in the compute ``dtype``, accumulated in float32.
+def policy_einsum(equation: str, x: jax.Array, y: jax.Array, dtype: str,
+                  out_dtype: str | None = None) -> jax.Array:
+    """An einsum under the model's dtype policy, with its gradient products in a CPU-friendly operand order.
+
+    ``einsum(equation, x, y)`` with both operands in the compute ``dtype``, accumulated in float32.
 
     The result is cast to ``out_dtype`` (default: ``dtype``). ``equation`` names every axis explicitly (no
     ``...``), and every axis appears in at least two of its three terms, as in any projection or attention
     product. Every matrix product of the model, forward and backward, goes through here, for two reasons
-    measured on CPUs (``experiments/benchmark.py``):
+    that matter on CPUs (``experiments/benchmark.py``):
 
     * bfloat16 operands with a float32 result use the fast bfloat16 units, while a bfloat16 result is
       slower than float32; autodiff of a plain ``einsum`` would run the backward products with one float32
       and one bfloat16 operand, that is in float32. The custom gradient below keeps all three products of
       every matmul in the fast form.
     * The gradient of the weights is computed as ``x^T g`` (activations on the left), which XLA runs without
-      first transposing a large gradient: for the output projection over the vocabulary this alone saved
-      a third of the time of the logits and loss.
+      first transposing a large gradient (for the output projection, a ``tokens x vocabulary`` one).
     """
-    return _matmul(equation, jnp.dtype(dtype), jnp.dtype(out_dtype or dtype), x.astype(dtype), y.astype(dtype))
+    return _policy_einsum(equation, jnp.dtype(dtype), jnp.dtype(out_dtype or dtype), x.astype(dtype),
+                          y.astype(dtype))
 
 
 def _product(equation: str, x: jax.Array, y: jax.Array, dtype, out_dtype) -> jax.Array:
@@ -85,9 +87,9 @@ def einsum(equation: str, x: jax.Array, y: jax.Array, preferred_element_type=Non
     equations whose every axis appears in two of the three terms.
 
     ``jnp.einsum`` plans its contraction (opt_einsum) and enters a nested ``jit`` at every call, and the
-    model makes ~150 calls per traced decoder step: this form lowers a greedy decoder in half the time
-    (0.36 -> 0.15 s) into the same program. Same program matters: the operand order decides which products
-    XLA's CPU backend can run in bfloat16 at all (see ``_ordered_product``).
+    model makes many calls per traced decoder step: this form lowers faster into the same program. Same
+    program matters: the operand order decides which products XLA's CPU backend can run in bfloat16 at all
+    (see ``_ordered_product``).
     """
     swap, dimension_numbers, permutation = _dot_plan(equation)
     if swap:
@@ -123,15 +125,15 @@ def _dot_plan(equation: str) -> tuple[bool, tuple, tuple[int, ...] | None]:
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def _matmul(equation, dtype, out_dtype, x, y):
+def _policy_einsum(equation, dtype, out_dtype, x, y):
     return _product(equation, x, y, dtype, out_dtype)
 
 
-def _matmul_fwd(equation, dtype, out_dtype, x, y):
+def _policy_einsum_fwd(equation, dtype, out_dtype, x, y):
     return _product(equation, x, y, dtype, out_dtype), (x, y)
 
 
-def _matmul_bwd(equation, dtype, out_dtype, residuals, g):
+def _policy_einsum_bwd(equation, dtype, out_dtype, residuals, g):
     x, y = residuals
     inputs, out = equation.split("->")
     x_axes, y_axes = inputs.split(",")
@@ -164,7 +166,7 @@ def _ordered_product(first, second, result_axes: str, dtype, out_dtype, smaller_
     return _product(f"{first[0]},{second[0]}->{result_axes}", first[1], second[1], dtype, out_dtype)
 
 
-_matmul.defvjp(_matmul_fwd, _matmul_bwd)
+_policy_einsum.defvjp(_policy_einsum_fwd, _policy_einsum_bwd)
 
 
 class DenseGeneral(nn.Module):
@@ -183,7 +185,7 @@ class DenseGeneral(nn.Module):
     param_dtype: str = "float32"  # Storage dtype of kernel and bias.
     # Store the kernel as [out axes..., in axes...]. The same map; for a layer whose input is much wider than
     # its output (the feed-forward block's second matrix) this lets XLA compute the weight gradient without
-    # transposing the wide input, which on a CPU took 2% of a training step per layer.
+    # transposing the wide input, a cost on a CPU.
     kernel_out_first: bool = False
 
     @nn.compact
@@ -206,7 +208,7 @@ class DenseGeneral(nn.Module):
             kernel = param_with_axes(self, "kernel", init, (*in_shape, *self.features),
                                      (*self.in_axes, *self.out_axes), self.param_dtype)
             kernel_axes = contracted + out
-        y = matmul(f"{batch}{contracted},{kernel_axes}->{batch}{out}", x, kernel, self.dtype)
+        y = policy_einsum(f"{batch}{contracted},{kernel_axes}->{batch}{out}", x, kernel, self.dtype)
         if self.use_bias:
             bias = param_with_axes(self, "bias", nn.initializers.zeros, self.features, self.out_axes,
                                    self.param_dtype)
@@ -272,7 +274,7 @@ class Embed(nn.Module):
     def attend(self, x: jax.Array) -> jax.Array:
         """Logits ``x @ E^T`` over the (padded) table, ``[..., rows]``, in the compute dtype."""
         flat = x.reshape(-1, x.shape[-1])
-        logits = matmul("nd,vd->nv", flat, self._table(), self.dtype)
+        logits = policy_einsum("nd,vd->nv", flat, self._table(), self.dtype)
         return logits.reshape(*x.shape[:-1], self.embedding.shape[0])
 
 

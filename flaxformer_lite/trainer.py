@@ -23,7 +23,7 @@ import ml_collections
 import numpy as np
 
 from flaxformer_lite import config as config_lib
-from flaxformer_lite import evaluation, sharding, storage, training
+from flaxformer_lite import sharding, storage, training, translation
 from flaxformer_lite import run as run_lib
 from flaxformer_lite.checkpointing import CheckpointWriter
 from flaxformer_lite.data import pipeline
@@ -131,7 +131,7 @@ def _evaluate(config, eval_step, decode_fn, params, eval_data, decode_data, data
     logging.info("step %d eval (%s): loss %.4f  acc %.4f  ppl %.2f", step, config.eval_split, metrics["loss"],
                  metrics["accuracy"], metrics["perplexity"])
     if decode_fn is not None:
-        scores, rows = evaluation.evaluate_translations(
+        scores, rows = translation.translate_and_score(
             decode_fn, params, decode_data, data.targets_tokenizer, config.dataset.target_lang,
             max_examples=config.decode_eval_examples)
         logging.info("step %d eval (%s, first %d, %s): BLEU %.2f  chrF %.2f  exact match %.2f%%  (%.1f s)", step,
@@ -199,7 +199,7 @@ def _train(config: ml_collections.ConfigDict, workdir, mesh) -> dict[str, float]
 
     decode_fn, decode_data = None, None
     if config.decode_eval_examples:
-        decode_fn = evaluation.make_decode_fn(model, evaluation.DecodeConfig(method=config.decode_eval_method),
+        decode_fn = translation.make_decode_fn(model, translation.DecodeConfig(method=config.decode_eval_method),
                                               mesh)
         # The first decode_eval_examples examples, longest first. Every process decodes the same (whole)
         # batches, so that the jitted decoder gets identical inputs everywhere and every process scores all

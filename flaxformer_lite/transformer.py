@@ -15,6 +15,7 @@ Packed rows (several examples in one row) are supported through ``*_segmentation
 from __future__ import annotations
 
 import dataclasses
+import enum
 from typing import Any
 
 import flax.linen as nn
@@ -189,12 +190,37 @@ class EncoderLayer(nn.Module):
         return constrain(x, *_RESIDUAL)
 
 
+class DecoderMode(enum.Enum):
+    """What a decoder call does (``mode=`` of :class:`DecoderLayer` and :class:`Decoder`).
+
+    * ``TEACHER_FORCED``: training: every target position at once, attending to the encoder output.
+    * ``STEP``: one decoding position: self-attention on the ``cache`` collection, encoder-decoder attention
+      on the keys/values in the ``cross_kv`` collection; no encoder output.
+    * ``PROJECT_CROSS_KV``: only projects the encoder output into every layer's ``cross_kv``; no targets.
+    """
+
+    TEACHER_FORCED = "teacher_forced"
+    STEP = "step"
+    PROJECT_CROSS_KV = "project_cross_kv"
+
+
+def _check_inputs(where: str, mode: DecoderMode, **inputs: Any) -> None:
+    """Raises unless ``mode`` is a :class:`DecoderMode` whose inputs are exactly the non-``None`` ones:
+    the encoder output (``encoded``) except in ``STEP``, the targets except in ``PROJECT_CROSS_KV``."""
+    if not isinstance(mode, DecoderMode):
+        raise ValueError(f"{where}: decoder mode {mode!r} is not one of {[m.name for m in DecoderMode]}")
+    for name, value in inputs.items():
+        wanted = mode is not (DecoderMode.STEP if name == "encoded" else DecoderMode.PROJECT_CROSS_KV)
+        if (value is not None) != wanted:
+            raise ValueError(f"{where}: mode {mode.name} {'needs' if wanted else 'takes no'} {name}")
+
+
 class DecoderLayer(nn.Module):
     """Masked self-attention, encoder-decoder attention, then feed-forward, each as a residual sub-layer.
 
-    With ``decode=True`` the self-attention appends one position per call to its cache, and the
-    encoder-decoder attention keeps the keys/values projected from ``encoded`` in the cache (``static_kv``):
-    a call with ``y=None`` only stores them (priming), a step with ``encoded=None`` reads them back.
+    ``mode`` (:class:`DecoderMode`) picks training, one decoding step (self-attention appends to its cache,
+    the encoder-decoder attention reads the keys/values projected once per sentence), or only projecting
+    ``encoded`` into those keys/values.
     """
 
     config: TransformerConfig
@@ -202,21 +228,23 @@ class DecoderLayer(nn.Module):
     @nn.compact
     def __call__(self, y: jax.Array | None, encoded: jax.Array | None, self_mask: jax.Array | None,
                  cross_mask: jax.Array | None, *, deterministic: bool = True,
-                 decode: bool = False) -> jax.Array | None:
+                 mode: DecoderMode = DecoderMode.TEACHER_FORCED) -> jax.Array | None:
         cfg = self.config
-        if y is None:  # Priming: project the encoder output into the cross-attention cache, nothing else.
-            if not decode or encoded is None:
-                raise ValueError("y=None (priming the cache) needs decode=True and the encoder output")
-            _attention(cfg, "cross_attention")(None, encoded, decode=True, static_kv=True)
+        _check_inputs("DecoderLayer", mode, y=y, encoded=encoded)
+        if mode is DecoderMode.PROJECT_CROSS_KV:
+            _attention(cfg, "cross_attention")(None, encoded, mode=attention.Mode.PROJECT_CROSS_KV)
             return None
+        step = mode is DecoderMode.STEP
         self_attention = _attention(cfg, "self_attention")
-        y = _residual(cfg, y, lambda h: self_attention(h, h, self_mask, deterministic=deterministic,
-                                                       decode=decode),
-                      "self_attention_norm", deterministic=deterministic)
+        y = _residual(cfg, y, lambda h: self_attention(
+            h, None if step else h, self_mask, deterministic=deterministic,
+            mode=attention.Mode.SELF_STEP if step else attention.Mode.FULL),
+            "self_attention_norm", deterministic=deterministic)
         cross_attention = _attention(cfg, "cross_attention")
-        y = _residual(cfg, y, lambda h: cross_attention(h, encoded, cross_mask, deterministic=deterministic,
-                                                        decode=decode, static_kv=True),
-                      "cross_attention_norm", deterministic=deterministic)
+        y = _residual(cfg, y, lambda h: cross_attention(
+            h, encoded, cross_mask, deterministic=deterministic,
+            mode=attention.Mode.CROSS_STEP if step else attention.Mode.FULL),
+            "cross_attention_norm", deterministic=deterministic)
         ffn = _feed_forward(cfg)
         y = _residual(cfg, y, lambda h: ffn(h, deterministic=deterministic), "ffn_norm",
                       deterministic=deterministic)
@@ -277,17 +305,19 @@ class Decoder(nn.Module):
     def __call__(self, encoded: jax.Array | None, inputs: jax.Array | None, decoder_inputs: jax.Array | None, *,
                  targets: jax.Array | None = None, targets_positions: jax.Array | None = None,
                  inputs_segmentation: jax.Array | None = None, targets_segmentation: jax.Array | None = None,
-                 deterministic: bool = True, decode: bool = False) -> jax.Array | None:
-        """Logits for ``decoder_inputs``; in decode mode, ``decoder_inputs=None`` only primes the cache with
-        the encoder-decoder attention keys/values of ``encoded`` (see ``Transformer.prime_cache``)."""
+                 deterministic: bool = True, mode: DecoderMode = DecoderMode.TEACHER_FORCED) -> jax.Array | None:
+        """Logits for ``decoder_inputs`` (``TEACHER_FORCED``: all positions; ``STEP``: one, ``encoded=None``),
+        or, in ``PROJECT_CROSS_KV``, only every layer's cross-attention keys/values of ``encoded`` (``None``
+        back). ``inputs`` (the sources) give the padding mask of the encoder-decoder attention."""
         cfg = self.config
-        if encoded is None and not decode:
-            raise ValueError("encoded=None is only allowed with decode=True (cross-attention cache filled)")
-        if decoder_inputs is None:
+        _check_inputs("Decoder", mode, encoded=encoded, decoder_inputs=decoder_inputs)
+        if mode is DecoderMode.PROJECT_CROSS_KV:
             for i in range(cfg.num_decoder_layers):
-                DecoderLayer(cfg, name=f"layer_{i}")(None, encoded, None, None, decode=decode)
+                DecoderLayer(cfg, name=f"layer_{i}")(None, encoded, None, None, mode=mode)
             return None
-        if decode:
+        if inputs is None:
+            raise ValueError(f"Decoder: mode {mode.name} needs inputs (the sources, for the padding mask)")
+        if mode is DecoderMode.STEP:
             # One new position per call; the position counter lives in the cache next to the keys/values.
             initialized = self.has_variable("cache", "position_index")
             index = self.variable("cache", "position_index", lambda: jnp.zeros((), jnp.int32))
@@ -314,7 +344,7 @@ class Decoder(nn.Module):
         y = _Embedder(cfg, self.embed, name="embedder")(decoder_inputs, positions, deterministic=deterministic)
         for i in range(cfg.num_decoder_layers):
             y = DecoderLayer(cfg, name=f"layer_{i}")(y, encoded, self_mask, cross_mask,
-                                                    deterministic=deterministic, decode=decode)
+                                                    deterministic=deterministic, mode=mode)
         norm = _final_norm(cfg)
         y = y if norm is None else norm(y)
         if cfg.logits_via_embedding:
@@ -327,7 +357,8 @@ class Decoder(nn.Module):
 
 
 class Transformer(nn.Module):
-    """Encoder-decoder Transformer. ``__call__`` trains with teacher forcing; ``encode``/``decode`` decode."""
+    """Encoder-decoder Transformer. ``__call__`` (= ``encode`` + ``decode``) trains with teacher forcing;
+    ``encode``, ``project_cross_kv`` and ``decode_step`` are the parts of incremental decoding."""
 
     config: TransformerConfig
 
@@ -350,39 +381,36 @@ class Transformer(nn.Module):
         return self.encoder(inputs, inputs_positions=inputs_positions, inputs_segmentation=inputs_segmentation,
                             deterministic=deterministic)
 
-    def decode(self, encoded: jax.Array | None, inputs: jax.Array, targets: jax.Array, *,
+    def decode(self, encoded: jax.Array, inputs: jax.Array, targets: jax.Array, *,
                targets_positions: jax.Array | None = None, inputs_segmentation: jax.Array | None = None,
-               targets_segmentation: jax.Array | None = None, deterministic: bool = True,
-               decode: bool = False) -> jax.Array:
-        """Float32 logits ``[b, t, vocab]`` predicting ``targets`` (shifted right inside).
-
-        With ``decode=True``, ``targets`` are the decoder inputs of one step (``[b, 1]``, not shifted) and
-        the ``cache`` collection must be mutable; see ``MultiHeadAttention``. The encoder-decoder attention
-        keeps its keys/values in the cache: a step given ``encoded`` projects it and stores them, a step
-        given ``encoded=None`` reuses the stored ones (filled by ``prime_cache`` or by an earlier step), so
-        the encoder output is projected once per sentence. ``inputs`` are still needed for the padding mask.
-        """
-        if decode:
-            decoder_inputs, real = targets, None
-        else:
-            decoder_inputs = shift_right(targets, self.config.decoder_start_id, targets_segmentation)
-            real = targets
-        return self.decoder(encoded, inputs, decoder_inputs, targets=real, targets_positions=targets_positions,
+               targets_segmentation: jax.Array | None = None, deterministic: bool = True) -> jax.Array:
+        """Teacher-forced float32 logits ``[b, t, vocab]`` predicting ``targets`` (shifted right inside)."""
+        decoder_inputs = shift_right(targets, self.config.decoder_start_id, targets_segmentation)
+        return self.decoder(encoded, inputs, decoder_inputs, targets=targets, targets_positions=targets_positions,
                             inputs_segmentation=inputs_segmentation, targets_segmentation=targets_segmentation,
-                            deterministic=deterministic, decode=decode)
+                            deterministic=deterministic)
 
-    def prime_cache(self, encoded: jax.Array) -> None:
-        """Stores every decoder layer's encoder-decoder attention keys/values, projected from ``encoded``
-        ``[b, s, d_model]``, in the ``cache`` collection (which must be mutable; entries missing from it are
-        created). Decoding steps can then pass ``encoded=None``::
+    def decode_step(self, inputs: jax.Array, tokens: jax.Array) -> jax.Array:
+        """One decoding step: float32 logits ``[b, 1, vocab]`` after the decoder inputs ``tokens [b, 1]``.
 
-            cache = model.apply({'params': params, 'cache': cache}, encoded, method=Transformer.prime_cache,
-                                mutable=['cache'])[1]['cache']
-
-        ``decoding.encode_memory`` does this on an empty cache, ``decoding.init_cache`` adds the
-        self-attention cache.
+        Reads the encoder-decoder keys/values from the ``cross_kv`` collection (see
+        :meth:`project_cross_kv`) and appends to the self-attention keys/values in the ``cache`` collection,
+        which must be mutable (see ``attention.MultiHeadAttention``). ``inputs`` (the sources ``[b, s]``)
+        give the padding mask of the encoder-decoder attention.
         """
-        self.decoder(encoded, None, None, decode=True)
+        return self.decoder(None, inputs, tokens, mode=DecoderMode.STEP)
+
+    def project_cross_kv(self, encoded: jax.Array) -> None:
+        """Projects ``encoded [b, s, d_model]`` into every decoder layer's encoder-decoder attention
+        keys/values, stored in the ``cross_kv`` collection (which must be mutable)::
+
+            cross_kv = model.apply({'params': params}, encoded, method=Transformer.project_cross_kv,
+                                   mutable=['cross_kv'])[1]['cross_kv']
+
+        Decoding steps read them (:meth:`decode_step`), so the encoder output is projected once per
+        sentence; ``decoding.project_cross_kv`` wraps this.
+        """
+        self.decoder(encoded, None, None, mode=DecoderMode.PROJECT_CROSS_KV)
 
     def __call__(self, inputs: jax.Array, targets: jax.Array, *, inputs_positions: jax.Array | None = None,
                  targets_positions: jax.Array | None = None, inputs_segmentation: jax.Array | None = None,

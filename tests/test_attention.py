@@ -125,6 +125,35 @@ def test_multi_head_attention_matches_numpy(use_bias):
     np.testing.assert_allclose(np.asarray(mha.apply(variables, x, memory, mask)), expected, atol=1e-5, rtol=1e-5)
 
 
+def test_cross_attention_modes_project_once_then_attend_as_the_full_mode():
+    """PROJECT_CROSS_KV stores the keys/values of the memory; CROSS_STEP attends over them as FULL does."""
+    rng, x, memory = _mha_inputs()
+    mha = attention.MultiHeadAttention(num_heads=4, head_dim=4)
+    mask = attention.padding_mask(np.ones((2, 5), np.int32), random_tokens(rng, [7, 3], 7))
+    variables = mha.init(jax.random.key(0), x, memory, mask)
+    out, stored = mha.apply(variables, None, memory, mode=attention.Mode.PROJECT_CROSS_KV, mutable=["cross_kv"])
+    assert out is None and stored["cross_kv"]["key"].shape == (2, 4, 7, 4)  # Heads-first [b, h, s, d].
+    step = mha.apply({**variables, **stored}, x, None, mask, mode=attention.Mode.CROSS_STEP)
+    np.testing.assert_allclose(step, mha.apply(variables, x, memory, mask), atol=1e-5)
+
+
+@pytest.mark.parametrize("mode, inputs_q, inputs_kv, message", [
+    (attention.Mode.FULL, True, False, "FULL needs inputs_kv"),
+    (attention.Mode.SELF_STEP, True, True, "SELF_STEP takes no inputs_kv"),
+    (attention.Mode.CROSS_STEP, True, True, "CROSS_STEP takes no inputs_kv"),
+    (attention.Mode.PROJECT_CROSS_KV, True, True, "PROJECT_CROSS_KV takes no inputs_q"),
+    (attention.Mode.PROJECT_CROSS_KV, False, False, "PROJECT_CROSS_KV needs inputs_kv"),
+    ("decode", True, True, "not one of"),
+    (attention.Mode.CROSS_STEP, True, False, "PROJECT_CROSS_KV first"),  # Nothing projected yet.
+])
+def test_impossible_attention_modes_raise(mode, inputs_q, inputs_kv, message):
+    _, x, memory = _mha_inputs()
+    mha = attention.MultiHeadAttention(num_heads=4, head_dim=4)
+    variables = mha.init(jax.random.key(0), x, memory)
+    with pytest.raises(ValueError, match=message):
+        mha.apply(variables, x if inputs_q else None, memory if inputs_kv else None, mode=mode)
+
+
 def test_multi_head_attention_sows_weights_only_when_asked():
     _, x, _ = _mha_inputs()
     mha = attention.MultiHeadAttention(num_heads=4, head_dim=4)

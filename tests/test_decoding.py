@@ -1,13 +1,17 @@
-"""Decoding: the cross-attention cache, greedy / beam search / sampling on the tiny model and on toy chains."""
+"""Decoding: the cross-attention keys/values, greedy / beam search / sampling on the tiny model and on toy
+chains (the model-free ``search`` module)."""
 
+import ast
 import functools
+import importlib.util
+import pathlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flaxformer_lite import Transformer, backend, decoding, preset, shift_right
+from flaxformer_lite import Transformer, backend, decoding, preset, search, shift_right
 
 EXTRA = 6  # Each sentence may emit (source length + EXTRA) tokens: short loops keep the tests fast.
 # Mixed lengths; the first row is the longest and unpadded. Every source ends with EOS (1).
@@ -58,8 +62,9 @@ def encode_fn():
 @functools.cache
 def decoder_fn(**kwargs):
     model, _ = tiny()
-    return jax.jit(lambda variables, inputs, rng=None: decoding.decode_batch(
-        model, variables, inputs, extra_length=EXTRA, rng=rng, **kwargs))
+    options = decoding.DecodeConfig(extra_length=EXTRA, **kwargs)
+    return jax.jit(lambda variables, inputs, rng=None: decoding.decode_batch(model, variables, inputs, options,
+                                                                             rng=rng))
 
 
 def decode(inputs=INPUTS, rng=None, **kwargs):
@@ -70,6 +75,12 @@ def decode(inputs=INPUTS, rng=None, **kwargs):
 @functools.cache
 def greedy_batch():
     return decode(method="greedy")
+
+
+def options(method, **kwargs):
+    """DecodeConfig of the tests' searches: beam search with 3 beams, or ``method`` as it is."""
+    beam = dict(beam_size=3, alpha=0.6) if method == "beam" else {}
+    return decoding.DecodeConfig(method=method, extra_length=EXTRA, **beam, **kwargs)
 
 
 def assert_well_formed(result, limits):
@@ -131,27 +142,25 @@ def test_cross_attention_keys_values_are_projected_once_per_sentence():
     # in a decoding step has that shape (the step reads them heads-first, [rows, heads, source_length, d]).
     projected = lambda rows: (rows, source_length, cfg.num_heads, cfg.attention_head_dim)  # noqa: E731
     encoded = encode_fn()(variables, INPUTS)
-    cache = jax.jit(lambda v, e: decoding.init_cache(model, v, e, WIDTH))(variables, encoded)
+    cross_kv = jax.jit(lambda v, e: decoding.project_cross_kv(model, v, e))(variables, encoded)
+    cache = decoding.init_cache(model, variables, batch, WIDTH)
     tokens = np.zeros((batch, 1), np.int32)
 
-    def step(cache, memory):
-        return model.apply({**variables, "cache": cache}, memory, INPUTS, tokens, decode=True, mutable=["cache"],
-                           method=Transformer.decode)
+    def step(cache):
+        return decoding.decode_step(model, variables, cross_kv, INPUTS, tokens, cache)
 
-    def prime(cache):
-        return model.apply({**variables, "cache": cache}, encoded, method=Transformer.prime_cache,
-                           mutable=["cache"])
-
-    assert count_dot_generals(jax.make_jaxpr(prime)(cache).jaxpr, projected(batch)) == 2 * layers  # K, V.
-    # A step given the encoder output projects it (the detector sees it); a step given None does not.
-    with_memory = jax.make_jaxpr(lambda c: step(c, encoded))(cache).jaxpr
-    assert count_dot_generals(with_memory, projected(batch)) == 2 * layers
-    assert count_dot_generals(jax.make_jaxpr(lambda c: step(c, None))(cache).jaxpr, projected(batch)) == 0
+    project = jax.make_jaxpr(lambda e: decoding.project_cross_kv(model, variables, e))(encoded).jaxpr
+    assert count_dot_generals(project, projected(batch)) == 2 * layers  # K, V: the detector sees them.
+    assert count_dot_generals(jax.make_jaxpr(step)(cache).jaxpr, projected(batch)) == 0  # A step projects none.
+    # The two collections have separate homes: a step changes only the self-attention cache.
+    assert set(cache["decoder"]["layer_0"]["self_attention"]) == {"cached_key", "cached_value", "cache_index"}
+    assert "cross_attention" not in cache["decoder"]["layer_0"]
+    assert set(cross_kv["decoder"]["layer_0"]["cross_attention"]) == {"key", "value"}
 
     # End to end: decode_batch's loop body attends to the cached keys/values but projects nothing, and beam
-    # search primes the cache for the b sentences, before tiling it to b * beam_size rows.
+    # search projects them for the b sentences, before tiling them to b * beam_size rows.
     for method, rows in (("greedy", batch), ("beam", batch * 3)):
-        run = functools.partial(decoding.decode_batch, model, method=method, beam_size=3, extra_length=EXTRA)
+        run = functools.partial(decoding.decode_batch, model, options=options(method))
         jaxpr = jax.make_jaxpr(run)(variables, INPUTS).jaxpr
         (body,) = list(while_bodies(jaxpr))
         cached = (rows, cfg.num_heads, source_length, cfg.attention_head_dim)
@@ -161,18 +170,16 @@ def test_cross_attention_keys_values_are_projected_once_per_sentence():
         assert count_dot_generals(jaxpr, projected(batch)) == 3 * cfg.num_encoder_layers + 2 * layers
         assert rows == batch or count_dot_generals(jaxpr, projected(rows)) == 0
 
-    # And the results are unchanged: steps on the primed cache reproduce the teacher-forced logits.
+    # And the results are unchanged: steps on the cache reproduce the teacher-forced logits.
     targets = np.array([[11, 12, 13, 1, 0], [14, 1, 0, 0, 0], [5, 6, 7, 8, 1], [9, 10, 1, 0, 0]], np.int32)
     teacher_forced = np.asarray(jax.jit(model.apply)(variables, INPUTS, targets))
     decoder_inputs = np.asarray(shift_right(targets))
-    cached_step = jax.jit(lambda cache, tokens: model.apply({**variables, "cache": cache}, None, INPUTS, tokens,
-                                                            decode=True, mutable=["cache"],
-                                                            method=Transformer.decode))
+    cached_step = jax.jit(lambda cache, tokens: decoding.decode_step(model, variables, cross_kv, INPUTS, tokens,
+                                                                     cache))
     for t in range(targets.shape[1]):
-        logits, mutated = cached_step(cache, decoder_inputs[:, t: t + 1])
-        cache = mutated["cache"]
+        logits, cache = cached_step(cache, decoder_inputs[:, t: t + 1])
         real = targets[:, t] != 0
-        np.testing.assert_allclose(np.asarray(logits)[real, 0], teacher_forced[real, t], atol=1e-5)
+        np.testing.assert_allclose(np.asarray(logits)[real], teacher_forced[real, t], atol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -240,17 +247,17 @@ def test_a_short_first_cache_changes_nothing(method):
 
 @pytest.mark.parametrize("method", ["greedy", "beam"])
 def test_sources_encoded_at_their_own_width_decode_the_same(method):
-    """``encode_memory`` on the sources cut to their longest, padded back to the batch's width, is the memory
-    ``decode_batch`` would make itself (what ``evaluation.make_decode_fn`` does for each batch)."""
+    """``encode_cross_kv`` on the sources cut to their longest, padded back to the batch's width, is the
+    cross_kv ``decode_batch`` would make itself (what ``translation.make_decode_fn`` does for each batch)."""
     model, variables = tiny()
     kwargs = dict(method="beam", beam_size=3, alpha=0.6) if method == "beam" else dict(method="greedy")
     inputs = INPUTS[1:]  # Rows with padding: the longest has 7 tokens of the 8 columns.
     used = int((inputs != 0).sum(1).max())
     assert used < inputs.shape[1]
-    memory = jax.jit(lambda v, x: decoding.encode_memory(model, v, x, source_width=inputs.shape[1]))(
+    cross_kv = jax.jit(lambda v, x: decoding.encode_cross_kv(model, v, x, source_width=inputs.shape[1]))(
         variables, inputs[:, :used])
     with_memory = jax.tree_util.tree_map(np.asarray, jax.jit(lambda v, x, m: decoding.decode_batch(
-        model, v, x, extra_length=EXTRA, memory=m, **kwargs))(variables, inputs, memory))
+        model, v, x, options(method), cross_kv=m))(variables, inputs, cross_kv))
     alone = decode(inputs, **kwargs)
     np.testing.assert_array_equal(with_memory.tokens, alone.tokens)
     np.testing.assert_allclose(with_memory.scores, alone.scores, rtol=1e-5)
@@ -271,9 +278,31 @@ def test_dropping_finished_rows_changes_nothing():
     assert not shrinking.tokens[12:].any()
     # The loop bodies: one per row count (16, 4, 1), none of them growing a cache.
     model, variables = tiny()
-    jaxpr = jax.make_jaxpr(lambda v, x: decoding.decode_batch(model, v, x, method="greedy", min_rows=1,
-                                                              extra_length=EXTRA))(variables, rows).jaxpr
+    jaxpr = jax.make_jaxpr(lambda v, x: decoding.decode_batch(model, v, x, options("greedy", min_rows=1)))(
+        variables, rows).jaxpr
     assert len(list(while_bodies(jaxpr))) == 3
+
+
+def test_growing_the_cache_then_dropping_rows_changes_nothing():
+    """The two speed-ups composed: 3 steps on a 3-position cache for all 16 rows, the cache grown, then
+    16 -> 4 -> 1 rows as they finish: the results of plain greedy search (neither)."""
+    rows = np.concatenate([np.roll(INPUTS, k, axis=0) for k in range(3)] + [np.zeros_like(INPUTS)])
+    composed = decode(rows, method="greedy", min_rows=1, first_cache_length=3)
+    plain = decode(rows, method="greedy", min_rows=0, first_cache_length=0)
+    assert plain.lengths.max() > 3  # The cache did grow.
+    np.testing.assert_array_equal(composed.tokens, plain.tokens)
+    np.testing.assert_array_equal(composed.lengths, plain.lengths)
+    np.testing.assert_allclose(composed.scores, plain.scores, rtol=1e-5)
+    # The loop bodies: the short cache at 16 rows, then one per row count (16, 4, 1) on the grown cache.
+    model, variables = tiny()
+    cfg = model.config
+    jaxpr = jax.make_jaxpr(lambda v, x: decoding.decode_batch(
+        model, v, x, options("greedy", min_rows=1, first_cache_length=3)))(variables, rows).jaxpr
+    bodies = list(while_bodies(jaxpr))
+    self_keys = lambda body: {v.aval.shape[:3] for v in body.invars  # noqa: E731  [rows, h, steps] of the
+                              if v.aval.shape[1:2] == (cfg.num_heads,) and v.aval.shape[2:3] in ((3,), (WIDTH,))}
+    assert [self_keys(body) for body in bodies] == [{(16, 4, 3)}, {(16, 4, WIDTH)}, {(4, 4, WIDTH)},
+                                                    {(1, 4, WIDTH)}]
 
 
 @pytest.mark.parametrize("method", ["greedy", "beam"])
@@ -332,22 +361,22 @@ def test_greedy_core_drops_finished_rows_with_the_same_results():
     chain = {0: {2: 0.6, 1: 0.4}, **{t: {t + 1: 0.6, 1: 0.4} for t in range(2, 11)}}
     logits_fn, cache, _ = markov(chain, 12)
     limits = jnp.arange(32) % 9 + 1
-    run = lambda shrink: jax.tree_util.tree_map(np.asarray, jax.jit(  # noqa: E731
-        lambda c: decoding.greedy(logits_fn, c, limits, 9, shrink=shrink))(cache(32)))
+    run = lambda drop_rows: jax.tree_util.tree_map(np.asarray, jax.jit(  # noqa: E731
+        lambda c: search.greedy(logits_fn, c, limits, 9, drop_rows=drop_rows))(cache(32)))
     plain, shrinking = run(()), run((8, 2))
     np.testing.assert_array_equal(plain.lengths, limits)
     for got, want in zip(shrinking, plain):
         np.testing.assert_array_equal(got, want)
     with pytest.raises(ValueError, match="decreasing"):
-        decoding.greedy(logits_fn, cache(32), limits, 9, shrink=(2, 8))
+        search.greedy(logits_fn, cache(32), limits, 9, drop_rows=(2, 8))
 
 
 def test_beam_search_finds_the_sequence_greedy_misses():
-    greedy, log_table = run_core(decoding.greedy, GREEDY_TRAP, 24, 2, 6)
+    greedy, log_table = run_core(search.greedy, GREEDY_TRAP, 24, 2, 6)
     np.testing.assert_array_equal(greedy.tokens, [[A, X[0], 1, 0, 0, 0]] * 2)
     np.testing.assert_allclose(greedy.log_probs, np.log(0.6 * 0.05), rtol=1e-5)
     for alpha in (0.0, 0.6):
-        beam, _ = run_core(decoding.beam_search, GREEDY_TRAP, 24, 2, 6, beam_size=2, alpha=alpha)
+        beam, _ = run_core(search.beam_search, GREEDY_TRAP, 24, 2, 6, beam_size=2, alpha=alpha)
         np.testing.assert_array_equal(beam.tokens, [[B, 1, 0, 0, 0, 0]] * 2)
         np.testing.assert_array_equal(beam.lengths, [2, 2])
         log_p = log_table[0, B] + log_table[B, 1]
@@ -359,7 +388,7 @@ def test_beam_search_finds_the_sequence_greedy_misses():
 def test_length_penalty_chooses_as_the_formula_says(alpha):
     # Short: EOS at once (0.6, length 1). Long: L1 (0.4), L2 ... L9 (each ~1), EOS: length 10.
     chain = {0: {1: 0.6, 2: 0.4}, **{t: {t + 1: 1.0} for t in range(2, 10)}, 10: {1: 1.0}}
-    result, log_table = run_core(decoding.beam_search, chain, 12, 1, 12, beam_size=2, alpha=alpha)
+    result, log_table = run_core(search.beam_search, chain, 12, 1, 12, beam_size=2, alpha=alpha)
     short, long = [1], list(range(2, 11)) + [1]
     log_p = {"short": log_table[0, 1],
              "long": log_table[0, 2] + sum(log_table[t, t + 1] for t in range(2, 10)) + log_table[10, 1]}
@@ -376,7 +405,7 @@ def test_beam_search_cuts_hypotheses_at_the_limit():
     # EOS is never likely: the best hypotheses reach the per-sentence limits (3 and 5) and finish there.
     chain = {0: {2: 0.9, 1: 0.01}, **{t: {t + 1: 0.9, 1: 0.01} for t in range(2, 9)}}
     logits_fn, cache, _ = markov(chain, 10)
-    result = decoding.beam_search(logits_fn, cache(4), jnp.array([3, 5]), 6, beam_size=2, alpha=0.6)
+    result = search.beam_search(logits_fn, cache(4), jnp.array([3, 5]), 6, beam_size=2, alpha=0.6)
     np.testing.assert_array_equal(result.tokens, [[2, 3, 4, 0, 0, 0], [2, 3, 4, 5, 6, 0]])
     np.testing.assert_array_equal(result.lengths, [3, 5])
 
@@ -393,12 +422,12 @@ def test_top_k_1_sampling_is_greedy():
 @pytest.mark.parametrize("temperature", [0.0, 1e-3])
 def test_sampling_as_temperature_goes_to_zero_is_greedy(temperature):
     chain = {0: {2: 0.4, 3: 0.35, 1: 0.25}, 2: {4: 0.45, 5: 0.4, 1: 0.15}, 4: {1: 0.5, 6: 0.45}}
-    greedy, _ = run_core(decoding.greedy, chain, 8, 1, 5)
+    greedy, _ = run_core(search.greedy, chain, 8, 1, 5)
     np.testing.assert_array_equal(greedy.tokens, [[2, 4, 1, 0, 0]])
-    sampled, _ = run_core(decoding.sample, chain, 8, 256, 5, rng=jax.random.key(3), temperature=temperature)
+    sampled, _ = run_core(search.sample, chain, 8, 256, 5, rng=jax.random.key(3), temperature=temperature)
     np.testing.assert_array_equal(sampled.tokens, np.repeat(greedy.tokens, 256, axis=0))
     # While at temperature 1 the rows differ.
-    sampled, _ = run_core(decoding.sample, chain, 8, 256, 5, rng=jax.random.key(3), temperature=1.0)
+    sampled, _ = run_core(search.sample, chain, 8, 256, 5, rng=jax.random.key(3), temperature=1.0)
     assert len({tuple(row) for row in sampled.tokens}) > 3
 
 
@@ -408,7 +437,7 @@ FIRST_STEP = {0: dict(zip([2, 1, 3, 4, 5, 6, 7, 8, 9], [0.3, 0.25, 0.2, 0.1, 0.0
 
 
 def sample_first_tokens(rng, **kwargs):
-    result, log_table = run_core(decoding.sample, FIRST_STEP, 10, 4000, 1, rng=rng, **kwargs)
+    result, log_table = run_core(search.sample, FIRST_STEP, 10, 4000, 1, rng=rng, **kwargs)
     return result.tokens[:, 0], np.exp(log_table[0])
 
 
@@ -431,7 +460,7 @@ def test_top_k_and_top_p_restrict_the_support(kwargs, support):
 def test_sampling_is_reproducible_and_depends_on_the_rng():
     chain = {0: {2: 0.5, 3: 0.3, 1: 0.2}, **{t: {t + 1: 0.5, 2: 0.3, 1: 0.2} for t in range(2, 9)}}
     logits_fn, cache, _ = markov(chain, 10)
-    run = jax.jit(lambda rng: decoding.sample(logits_fn, cache(64), jnp.full((64,), 8), 8, rng,
+    run = jax.jit(lambda rng: search.sample(logits_fn, cache(64), jnp.full((64,), 8), 8, rng,
                                               temperature=1.0).tokens)
     first, again, other = run(jax.random.key(1)), run(jax.random.key(1)), run(jax.random.key(2))
     np.testing.assert_array_equal(first, again)
@@ -442,12 +471,14 @@ def test_sampling_is_reproducible_and_depends_on_the_rng():
 def test_bad_arguments():
     model, variables = tiny()
     with pytest.raises(ValueError, match="method"):
-        decoding.decode_batch(model, variables, INPUTS, method="nucleus")
+        decoding.DecodeConfig(method="nucleus")
+    with pytest.raises(ValueError, match="first_cache_length"):
+        decoding.DecodeConfig(first_cache_length=-1)
     with pytest.raises(ValueError, match="rng"):
-        decoding.decode_batch(model, variables, INPUTS, method="sample")
+        decoding.decode_batch(model, variables, INPUTS, decoding.DecodeConfig(method="sample"))
     with pytest.raises(ValueError, match="tile_beams"):
         logits_fn, cache, _ = markov({}, 10)
-        decoding.beam_search(logits_fn, cache(2), jnp.array([3, 3]), 3, beam_size=2)
+        search.beam_search(logits_fn, cache(2), jnp.array([3, 3]), 3, beam_size=2)
 
 
 @pytest.mark.parametrize("method", ["greedy", "beam"])
@@ -457,7 +488,7 @@ def test_the_accelerator_forms_decode_the_same(method, monkeypatch):
     jax.nn.dot_product_attention), traced here on the CPU: the same hypotheses as the CPU forms."""
     model, variables = tiny()
     run = lambda: jax.tree_util.tree_map(np.asarray, jax.jit(  # noqa: E731  (a fresh trace each time)
-        lambda v, x: decoding.decode_batch(model, v, x, method=method, extra_length=EXTRA))(variables, INPUTS))
+        lambda v, x: decoding.decode_batch(model, v, x, options(method)))(variables, INPUTS))
     def loss_and_grads():  # Teacher-forced, with the gradient products of training.
         def loss(v):
             logits = model.apply(v, INPUTS, on_cpu.tokens)
@@ -475,3 +506,21 @@ def test_the_accelerator_forms_decode_the_same(method, monkeypatch):
     (_, logits), grads = loss_and_grads()
     np.testing.assert_allclose(logits, cpu_logits, atol=1e-5)
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4), grads, cpu_grads)
+
+
+def test_the_search_module_runs_without_the_model():
+    """``search`` imports only jax: loaded on its own from its file (not through the package, which imports
+    the model), it runs greedy and beam search over a toy step function."""
+    path = pathlib.Path(search.__file__)
+    imported = {node.module if isinstance(node, ast.ImportFrom) else alias.name
+                for node in ast.walk(ast.parse(path.read_text())) if isinstance(node, (ast.Import, ast.ImportFrom))
+                for alias in node.names}
+    assert imported <= {"__future__", "collections.abc", "typing", "jax", "jax.numpy"}, imported
+    spec = importlib.util.spec_from_file_location("standalone_search", path)
+    standalone = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(standalone)
+    logits_fn, cache, _ = markov(GREEDY_TRAP, 24)
+    greedy = standalone.greedy(logits_fn, cache(2), jnp.full((2,), 6), 6)
+    np.testing.assert_array_equal(greedy.tokens, [[A, X[0], 1, 0, 0, 0]] * 2)
+    beam = standalone.beam_search(logits_fn, cache(4), jnp.full((2,), 6), 6, beam_size=2)
+    np.testing.assert_array_equal(beam.tokens, [[B, 1, 0, 0, 0, 0]] * 2)

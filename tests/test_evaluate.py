@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from flaxformer_lite import checkpointing, evaluation
+from flaxformer_lite import checkpointing, translation
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = ROOT / "experiments" / "configs" / "tiny.py"
@@ -25,15 +25,15 @@ def run(script, *args, stdin=None, devices=1):
 
 def test_score_bleu_chrf_exact_match():
     references = ["the cat sat on the mat .", "a dog runs"]
-    perfect = evaluation.score(references, references, "de")
+    perfect = translation.score(references, references, "de")
     assert perfect["bleu"] == pytest.approx(100.0) and perfect["exact_match"] == 100.0
     assert "tok:13a" in perfect["bleu_signature"]
-    half = evaluation.score(["the cat sat on the mat .", "a cat walks"], references, "de")
+    half = translation.score(["the cat sat on the mat .", "a cat walks"], references, "de")
     assert half["exact_match"] == 50.0 and 0 < half["bleu"] < 100
-    chinese = evaluation.score(["我是个学生。"], ["我是个学生。"], "zh")
+    chinese = translation.score(["我是个学生。"], ["我是个学生。"], "zh")
     assert "tok:zh" in chinese["bleu_signature"] and chinese["bleu"] == pytest.approx(100.0)
     with pytest.raises(ValueError, match="hypotheses"):
-        evaluation.score(["a"], [], "de")
+        translation.score(["a"], [], "de")
 
 
 @pytest.fixture(scope="module")

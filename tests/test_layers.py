@@ -1,4 +1,4 @@
-"""layers.py: the matmul with its hand-written gradient, dropout, and the kernel layouts of DenseGeneral."""
+"""layers.py: the policy einsum with its hand-written gradient, dropout, and the kernel layouts of DenseGeneral."""
 
 import jax
 import jax.numpy as jnp
@@ -20,15 +20,15 @@ PRODUCTS = [
 
 
 @pytest.mark.parametrize("equation,x_shape,y_shape", PRODUCTS)
-def test_matmul_gradients_equal_autodiff_of_einsum(equation, x_shape, y_shape):
+def test_policy_einsum_gradients_equal_autodiff_of_einsum(equation, x_shape, y_shape):
     kx, ky, kg = jax.random.split(jax.random.key(0), 3)
     x, y = jax.random.normal(kx, x_shape), jax.random.normal(ky, y_shape)
     weights = jax.random.normal(kg, jnp.einsum(equation, x, y).shape)  # A loss that weighs every output.
-    ours = jax.grad(lambda a, b: jnp.sum(layers.matmul(equation, a, b, "float32") * weights), (0, 1))(x, y)
+    ours = jax.grad(lambda a, b: jnp.sum(layers.policy_einsum(equation, a, b, "float32") * weights), (0, 1))(x, y)
     plain = jax.grad(lambda a, b: jnp.sum(jnp.einsum(equation, a, b) * weights), (0, 1))(x, y)
     for got, want in zip(ours, plain):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(layers.matmul(equation, x, y, "float32"), jnp.einsum(equation, x, y), rtol=1e-6)
+    np.testing.assert_allclose(layers.policy_einsum(equation, x, y, "float32"), jnp.einsum(equation, x, y), rtol=1e-6)
 
 
 def test_einsum_lowers_to_the_program_of_jnp_einsum(monkeypatch):
@@ -49,7 +49,8 @@ def test_einsum_lowers_to_the_program_of_jnp_einsum(monkeypatch):
 
     def programs():
         gradient = jax.jit(jax.grad(loss)).lower(params)
-        greedy = jax.jit(lambda p, x: decoding.decode_batch(model, p, x, method="greedy").tokens).lower(params, inputs)
+        greedy = jax.jit(lambda p, x: decoding.decode_batch(
+            model, p, x, decoding.DecodeConfig(method="greedy")).tokens).lower(params, inputs)
         return gradient.as_text(debug_info=False), greedy.as_text(debug_info=False)
 
     ours = programs()

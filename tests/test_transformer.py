@@ -163,13 +163,17 @@ def test_cached_decoding_reproduces_teacher_forced_logits(pre_layer_norm):
     model, variables = init(cfg)
     teacher_forced = np.asarray(model.apply(variables, INPUTS, TARGETS))
     encoded = model.apply(variables, INPUTS, method=Transformer.encode)
-    cache = model.init(jax.random.key(0), encoded, INPUTS, TARGETS, method=Transformer.decode,
-                       decode=True)["cache"]
+    cross_kv = model.apply(variables, encoded, method=Transformer.project_cross_kv,
+                           mutable=["cross_kv"])[1]["cross_kv"]
     decoder_inputs = np.asarray(shift_right(TARGETS))
+    # A step on the whole target length finds no cache and only creates it (at zero).
+    cache = model.apply({**variables, "cross_kv": cross_kv}, INPUTS, decoder_inputs, method=Transformer.decode_step,
+                        mutable=["cache"])[1]["cache"]
+    assert not any(np.any(leaf) for leaf in jax.tree_util.tree_leaves(cache))
     for t in range(TARGETS.shape[1]):
-        step_logits, mutated = model.apply({**variables, "cache": cache}, encoded, INPUTS,
-                                           decoder_inputs[:, t: t + 1], decode=True, mutable=["cache"],
-                                           method=Transformer.decode)
+        step_logits, mutated = model.apply({**variables, "cache": cache, "cross_kv": cross_kv}, INPUTS,
+                                           decoder_inputs[:, t: t + 1], mutable=["cache"],
+                                           method=Transformer.decode_step)
         cache = mutated["cache"]
         real = TARGETS[:, t] != 0
         np.testing.assert_allclose(np.asarray(step_logits)[real, 0], teacher_forced[real, t], atol=1e-5)

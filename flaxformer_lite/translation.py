@@ -1,4 +1,4 @@
-"""Translating a whole split and scoring it: sacrebleu BLEU and chrF, and exact match (what SCAN reports).
+"""Translating a whole split with a compiled, sharded decoder and scoring it: sacrebleu BLEU, chrF, exact match.
 
 Used by ``experiments/evaluate.py`` (a full split, any checkpoint), ``experiments/translate.py`` and by the
 trainer (a slice of the validation split every few steps, which also picks the ``best`` checkpoint).
@@ -6,7 +6,6 @@ trainer (a slice of the validation split every few steps, which also picks the `
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from typing import Any, Callable, Iterable
 
@@ -17,31 +16,10 @@ import numpy as np
 import sacrebleu
 
 from flaxformer_lite import decoding, sharding
+from flaxformer_lite.decoding import DecodeConfig  # noqa: F401  (re-exported: the options of make_decode_fn)
 from flaxformer_lite.data import pipeline
 from flaxformer_lite.data import tokenizer as tokenizer_lib
 from flaxformer_lite.transformer import Transformer
-
-_METHODS = ("greedy", "beam", "sample")
-
-
-@dataclasses.dataclass(frozen=True)
-class DecodeConfig:
-    """How to turn a model into translations."""
-
-    method: str = "beam"  # "greedy", "beam" or "sample".
-    beam_size: int = 4  # Beams per sentence (paper: 4).
-    alpha: float = 0.6  # GNMT length penalty exponent (paper: 0.6); 0 ranks by log-probability alone.
-    temperature: float = 1.0  # Sampling temperature.
-    top_k: int = 0  # Sample among the k most likely tokens; 0 disables.
-    top_p: float = 1.0  # Sample within the smallest set of tokens whose probability reaches p; 1 disables.
-    extra_length: int = 50  # Longest output = source length + this (paper: 50).
-    seed: int = 0  # Sampling seed.
-
-    def __post_init__(self):
-        if self.method not in _METHODS:
-            raise ValueError(f"decode method {self.method!r} is not one of {_METHODS}")
-        if self.beam_size < 1:
-            raise ValueError(f"beam_size must be >= 1, got {self.beam_size}")
 
 
 def define_decode_flags() -> Callable[[], DecodeConfig]:
@@ -49,24 +27,32 @@ def define_decode_flags() -> Callable[[], DecodeConfig]:
 
     Returns a function that builds the ``DecodeConfig`` from the parsed flags (call it after parsing).
     Flags: --checkpoint, --average_last, --method, --beam_size, --alpha, --temperature, --top_k, --top_p,
-    --seed.
+    --seed, --first_cache_length, --min_rows.
     """
     from absl import flags  # Only the command-line programs need flags.
 
     flags.DEFINE_string("checkpoint", "latest", "latest, best, or a step number.")
     flags.DEFINE_integer("average_last", 0, "Average the parameters of the last K checkpoints.")
-    flags.DEFINE_enum("method", "beam", list(_METHODS), "Decoding method.")
+    flags.DEFINE_enum("method", "beam", list(decoding.METHODS), "Decoding method.")
     flags.DEFINE_integer("beam_size", 4, "Beam size (paper: 4).")
     flags.DEFINE_float("alpha", 0.6, "Length penalty exponent (paper: 0.6).")
     flags.DEFINE_float("temperature", 1.0, "Sampling temperature.")
     flags.DEFINE_integer("top_k", 0, "Sample among the k most likely tokens (0: all).")
     flags.DEFINE_float("top_p", 1.0, "Nucleus sampling threshold (1: off).")
     flags.DEFINE_integer("seed", 0, "Sampling seed.")
+    defaults = DecodeConfig()
+    flags.DEFINE_integer("first_cache_length", defaults.first_cache_length,
+                         "Speed: steps on a self-attention cache this long before it grows to full width "
+                         "(0: full width from the start). Results do not change.")
+    flags.DEFINE_integer("min_rows", defaults.min_rows,
+                         "Speed, greedy search: drop finished rows, going on with a quarter of the rows, "
+                         "a sixteenth, ... but no fewer than this (0: never). Results do not change.")
 
     def build() -> DecodeConfig:
         f = flags.FLAGS
         return DecodeConfig(method=f.method, beam_size=f.beam_size, alpha=f.alpha, temperature=f.temperature,
-                            top_k=f.top_k, top_p=f.top_p, seed=f.seed)
+                            top_k=f.top_k, top_p=f.top_p, seed=f.seed, first_cache_length=f.first_cache_length,
+                            min_rows=f.min_rows)
 
     return build
 
@@ -90,17 +76,14 @@ def make_decode_fn(model: Transformer, cfg: DecodeConfig, mesh: Mesh | None = No
 
     def encoder(width):  # Encodes sources cut to their batch's longest, padded back to ``width``.
         if width not in encoders:
-            encoders[width] = jax.jit(lambda params, inputs: decoding.encode_memory(model, params, inputs,
-                                                                                    source_width=width))
+            encoders[width] = jax.jit(lambda params, inputs: decoding.encode_cross_kv(model, params, inputs,
+                                                                                      source_width=width))
         return encoders[width]
 
     @jax.jit
-    def decode(params, inputs, memory, batch_number):
+    def decode(params, inputs, cross_kv, batch_number):
         rng = jax.random.fold_in(jax.random.PRNGKey(cfg.seed), batch_number)
-        return decoding.decode_batch(model, params, inputs, method=cfg.method, beam_size=cfg.beam_size,
-                                     alpha=cfg.alpha, temperature=cfg.temperature, top_k=cfg.top_k,
-                                     top_p=cfg.top_p, rng=rng, extra_length=cfg.extra_length,
-                                     memory=memory).tokens
+        return decoding.decode_batch(model, params, inputs, cfg, rng=rng, cross_kv=cross_kv).tokens
 
     def run(params, inputs, batch_number):
         count, width = inputs.shape
@@ -108,8 +91,8 @@ def make_decode_fn(model: Transformer, cfg: DecodeConfig, mesh: Mesh | None = No
         inputs = np.pad(inputs, ((0, -count % parts), (0, 0)))  # All-pad rows finish at once.
         longest = int((inputs != model.config.pad_id).sum(1).max(initial=1))
         used = min(width, -(-longest // 16) * 16)
-        memory = encoder(width)(params, sharding.global_rows(inputs[:, :used], rows))
-        tokens = decode(params, sharding.global_rows(inputs, rows), memory, np.int32(batch_number))
+        cross_kv = encoder(width)(params, sharding.global_rows(inputs[:, :used], rows))
+        tokens = decode(params, sharding.global_rows(inputs, rows), cross_kv, np.int32(batch_number))
         return sharding.to_host(tokens)[:count]
 
     return run
@@ -119,9 +102,8 @@ def decode_width(eval_data: pipeline.EvalData, multiple: int = 16) -> int:
     """The source width every batch of ``eval_data`` is decoded at: its longest source, rounded up to a
     multiple of ``multiple``.
 
-    One width means one compiled decoder for the whole split. Tracing and compiling it took ~3 s on a
-    2-core CPU, several times the decoding of a batch, so a shape per batch length cost more than the
-    padding it saves: the batches are sorted longest first, so their searches stop early anyway.
+    One width means one compiled decoder for the whole split: compiling a decoder costs more than the
+    padding it saves, since the batches are sorted longest first and their searches stop early anyway.
     """
     longest = int(eval_data.examples.lengths("inputs").max(initial=1))
     return -(-longest // multiple) * multiple
@@ -183,7 +165,7 @@ def score(hypotheses: Iterable[str], references: Iterable[str], target_lang: str
     }
 
 
-def evaluate_translations(decode_fn, params, eval_data: pipeline.EvalData,
+def translate_and_score(decode_fn, params, eval_data: pipeline.EvalData,
                           targets_tokenizer: tokenizer_lib.Tokenizer, target_lang: str = "", *,
                           max_examples: int = 0) -> tuple[dict[str, Any], list[tuple[str, str, str]]]:
     """Translates (a prefix of) a split and scores it; returns (metrics, [(source, reference, hypothesis)])."""
