@@ -223,7 +223,12 @@ def test_cjk_labels_render_with_an_installed_font(tmp_path):
 def load_visualize_script():
     spec = importlib.util.spec_from_file_location("visualize_script", ROOT / "experiments" / "visualize.py")
     module = importlib.util.module_from_spec(spec)
+    from absl import flags
+
+    before = set(flags.FLAGS)
     spec.loader.exec_module(module)
+    for name in set(flags.FLAGS) - before:  # Its flags (--beam_size, --out...) would clash with another
+        delattr(flags.FLAGS, name)          # script loaded later in this worker (tests/test_benchmark.py).
     return module
 
 
