@@ -178,13 +178,14 @@ def _train(config: ml_collections.ConfigDict, workdir, mesh) -> dict[str, float]
     run_dir = run_lib.RunDir.of(workdir)
     # Several processes: process 0 builds the dataset and trains the vocabulary, the others then read them.
     data = _process_zero_first(lambda: run_lib.prepare_data(config, workdir), "prepare_data")
-    config = ml_collections.ConfigDict(config.to_dict())  # Unlocked copy with the resolved model fields.
+    config = ml_collections.ConfigDict(config.to_dict())  # Unlocked copy with the resolved model and train fields.
     config.model.update(dataclasses.asdict(data.model_config))
+    train_cfg = config_lib.build("train", config)
+    config.train.update(dataclasses.asdict(train_cfg))  # config.json records the schedule length used.
     if jax.process_index() == 0:
         run_lib.save_config(workdir, config)
 
     model = Transformer(data.model_config)
-    train_cfg = config_lib.build("train", config)
     optimizer = training.make_optimizer(train_cfg, data.model_config.d_model)
     rules = config_lib.axis_rules(config)
     abstract_state, state_sharding = training.state_shardings(model, optimizer, mesh, rules=rules)

@@ -1,10 +1,17 @@
-"""Shared test set-up.
+"""Shared test set-up: eight virtual CPU devices, the checkout importable, and the tiny run's helpers.
 
 Eight virtual CPU devices are requested before JAX is imported anywhere, so that sharding tests can build
 real meshes on one CPU; tests that do not shard simply run on device 0.
 """
 
 import os
+import pathlib
+import sys
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+# Config files import experiments.configs.common, as they do under experiments/train.py.
+_ROOT = str(pathlib.Path(__file__).resolve().parents[1])
+if _ROOT not in sys.path:
+    sys.path.append(_ROOT)

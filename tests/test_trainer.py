@@ -60,6 +60,7 @@ def test_train_script_runs_the_tiny_config_end_to_end(tmp_path, data_dir):
     assert list((workdir / "tensorboard" / "plugins" / "profile").glob("*/*.xplane.pb"))
     config = json.loads((workdir / "config.json").read_text())
     assert config["model"]["vocab_size"] > 3 and config["dataset"]["kind"] == "scan"
+    assert config["train"]["total_steps"] == 6  # The schedule length used: num_train_steps.
     records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     assert {r["step"] for r in records if "train/loss" in r} >= {2, 4, 6}
     assert [r["step"] for r in records if "eval/loss" in r] == [3, 6]
