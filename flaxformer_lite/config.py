@@ -23,7 +23,7 @@ from flaxformer_lite import sharding
 from flaxformer_lite.data.datasets import DatasetConfig
 from flaxformer_lite.data.pipeline import PipelineConfig
 from flaxformer_lite.data.tokenizer import TokenizerConfig
-from flaxformer_lite.training import TrainConfig
+from flaxformer_lite.train_step import TrainConfig
 from flaxformer_lite.transformer import TransformerConfig
 
 SECTIONS: dict[str, type] = {

@@ -9,7 +9,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from flaxformer_lite import config as config_lib
-from flaxformer_lite import training
+from flaxformer_lite import train_step
 
 # ml_collections loads config files with importlib's deprecated load_module().
 pytestmark = pytest.mark.filterwarnings("ignore:the load_module:DeprecationWarning")
@@ -28,7 +28,7 @@ def parse(*args):
 
 def schedule(config):
     train_cfg = config_lib.build("train", config)
-    return train_cfg, training.learning_rate_schedule(train_cfg, config.model.d_model)
+    return train_cfg, train_step.learning_rate_schedule(train_cfg, config.model.d_model)
 
 
 def test_the_schedule_spans_num_train_steps_unless_total_steps_is_set():
@@ -43,7 +43,7 @@ def test_the_schedule_spans_num_train_steps_unless_total_steps_is_set():
 
 def test_a_cosine_schedule_needs_a_length():
     with pytest.raises(ValueError, match="total_steps"):
-        training.learning_rate_schedule(training.TrainConfig(schedule="cosine"), 64)
+        train_step.learning_rate_schedule(train_step.TrainConfig(schedule="cosine"), 64)
     with pytest.raises(ValueError, match="config.train: .*total_steps"):
         config_lib.build("train", parse(f"--config={CONFIGS / 'scan.py'}", "--config.train.total_steps=-1"))
 

@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 
 from flaxformer_lite import run as run_lib
-from flaxformer_lite import checkpointing, sharding, training
+from flaxformer_lite import checkpointing, sharding, train_step
 from flaxformer_lite.config import build
 from flaxformer_lite.data import pipeline
 from flaxformer_lite.transformer import Transformer
@@ -115,12 +115,12 @@ def reference_run(workdir, steps):
     data = run_lib.prepare_data(config, workdir)  # Reads the vocabulary the 2-process run trained.
     model = Transformer(data.model_config)
     train_cfg = build("train", config)
-    optimizer = training.make_optimizer(train_cfg, data.model_config.d_model)
+    optimizer = train_step.make_optimizer(train_cfg, data.model_config.d_model)
     mesh = sharding.create_mesh((-1, 1, 1))
     assert mesh.devices.size == 8
-    _, state_sharding = training.state_shardings(model, optimizer, mesh)
-    train_step, _ = training.make_step_functions(model, optimizer, train_cfg, mesh, state_sharding)
-    state = training.create_train_state(config.seed, model, optimizer, state_sharding)
+    _, state_sharding = train_step.state_shardings(model, optimizer, mesh)
+    train_fn, _ = train_step.make_step_functions(model, optimizer, train_cfg, mesh, state_sharding)
+    state = train_step.create_train_state(config.seed, model, optimizer, state_sharding)
     data_cfg = build("data", config)
     shards = [iter(pipeline.make_train_data(data.train_source, data.inputs_tokenizer, data.targets_tokenizer,
                                             data_cfg, process_index=i, process_count=2)) for i in range(2)]
@@ -128,8 +128,8 @@ def reference_run(workdir, steps):
     for _ in range(steps):
         parts = [next(shard) for shard in shards]
         batch = {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
-        state, metrics = train_step(state, sharding.shard_batch(batch, mesh))
-        losses.append(float(training.summarize(jax.device_get(metrics))["loss"]))
+        state, metrics = train_fn(state, sharding.shard_batch(batch, mesh))
+        losses.append(float(train_step.summarize(jax.device_get(metrics))["loss"]))
     return jax.device_get(state.params), losses
 
 

@@ -57,7 +57,7 @@ class PipelineConfig:
     packing_bins_per_batch: int = 2  # Open rows of the first-fit window, in batches; more packs denser.
     seed: int = 0  # Shuffle seed; epoch e is shuffled with (seed, e).
     num_epochs: int | None = None  # Passes over the training split; None repeats forever.
-    prefetch_buffer_size: int = 0  # Batches a background thread prepares ahead of the trainer; 0 = off.
+    prefetch_buffer_size: int = 0  # Batches a background thread prepares ahead of the training loop; 0 = off.
 
 
 @dataclasses.dataclass(frozen=True)

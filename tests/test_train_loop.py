@@ -14,7 +14,7 @@ import pytest
 from ml_collections import config_flags  # noqa: F401  (the config files are plain modules)
 
 from flaxformer_lite import run as run_lib
-from flaxformer_lite import trainer
+from flaxformer_lite import train_loop
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TRAIN = ROOT / "experiments" / "train.py"
@@ -75,11 +75,11 @@ def test_train_script_runs_the_tiny_config_end_to_end(tmp_path, data_dir):
 def test_resume_gives_bitwise_the_same_parameters(tmp_path, data_dir):
     overrides = {"model.dropout_rate": 0.1, "data.batch_size": 8}  # Dropout: the rng must resume too.
     straight = tmp_path / "straight"
-    trainer.train_and_evaluate(tiny_config(data_dir, num_train_steps=6, **overrides), str(straight))
+    train_loop.train_and_evaluate(tiny_config(data_dir, num_train_steps=6, **overrides), str(straight))
     resumed = tmp_path / "resumed"
-    first = trainer.train_and_evaluate(tiny_config(data_dir, num_train_steps=3, **overrides), str(resumed))
+    first = train_loop.train_and_evaluate(tiny_config(data_dir, num_train_steps=3, **overrides), str(resumed))
     assert first["step"] == 3
-    second = trainer.train_and_evaluate(tiny_config(data_dir, num_train_steps=6, **overrides), str(resumed))
+    second = train_loop.train_and_evaluate(tiny_config(data_dir, num_train_steps=6, **overrides), str(resumed))
     assert second["step"] == 6
     # CPU XLA is deterministic and the resumed run sees the same batches and dropout keys: bitwise equal.
     jax.tree_util.tree_map(np.testing.assert_array_equal, final_params(resumed, 6), final_params(straight, 6))
@@ -90,7 +90,7 @@ def test_resume_gives_bitwise_the_same_parameters(tmp_path, data_dir):
 def test_time_budget_stops_training_with_a_checkpoint_and_an_evaluation(tmp_path, data_dir):
     workdir = tmp_path / "budget"
     # The first step (which compiles) alone takes longer than the budget: the run stops after it.
-    result = trainer.train_and_evaluate(
+    result = train_loop.train_and_evaluate(
         tiny_config(data_dir, num_train_steps=1000, max_train_seconds=1e-3, eval_every_steps=500,
                     checkpoint_every_steps=500), str(workdir))
     assert result["step"] == 1 and "eval/loss" in result
