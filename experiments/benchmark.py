@@ -53,7 +53,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from flaxformer_lite import decoding, flops, sharding, training  # noqa: E402
+from flaxformer_lite import decoding, flops, sharding, train_step as training  # noqa: E402
 from flaxformer_lite import config as config_lib  # noqa: E402
 from flaxformer_lite.transformer import Transformer  # noqa: E402
 

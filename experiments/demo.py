@@ -1,7 +1,5 @@
 """Forward-pass demo: builds a model from a preset, runs it on a random batch and prints what it computed.
 
-This is the project's main-job command until the training entry point (experiments/train.py) exists.
-
     python experiments/demo.py --preset=small --batch_size=8 --length=32
 """
 

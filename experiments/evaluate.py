@@ -17,7 +17,7 @@ import jax
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # Run from a checkout.
 
-from flaxformer_lite import compilation_cache, sharding, storage, translation  # noqa: E402
+from flaxformer_lite import sharding, storage, translation  # noqa: E402
 from flaxformer_lite import run as run_lib  # noqa: E402
 from flaxformer_lite import config as config_lib  # noqa: E402
 from flaxformer_lite.data import datasets, pipeline  # noqa: E402
@@ -49,7 +49,7 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     _INITIALIZE_DISTRIBUTED()  # Several processes: all of them decode, process 0 writes the report.
-    compilation_cache.use_workdir_cache(_WORKDIR.value)
+    run_lib.use_compilation_cache(_WORKDIR.value)
     decode_cfg = _DECODE_CONFIG()
     run = run_lib.restore(_WORKDIR.value, flags.FLAGS.checkpoint, flags.FLAGS.average_last, _DATA_DIR.value)
     split = _SPLIT.value or run.config.eval_split

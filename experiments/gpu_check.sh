@@ -173,13 +173,13 @@ NGPU=$(cat "$NGPU_FILE" 2>/dev/null || echo 0)
 DESELECT=()
 if [[ $ALLOW_CPU != 1 ]] && ((NGPU < 8)); then
   # It builds (8,1,1) and (2,2,2) meshes from jax.devices(): 8 devices, which one GPU is not.
-  DESELECT=(--deselect tests/test_training.py::test_data_fsdp_tensor_meshes_train_like_one_device)
+  DESELECT=(--deselect tests/test_train_step.py::test_data_fsdp_tensor_meshes_train_like_one_device)
   SKIPPED+=("pytest test_data_fsdp_tensor_meshes_train_like_one_device (needs 8 devices, $NGPU GPU(s))")
 fi
 part pytest "$PYTEST_S" 120 env JAX_PLATFORMS="$TEST_PLATFORMS" XLA_PYTHON_CLIENT_PREALLOCATE=false \
   JAX_DEFAULT_MATMUL_PRECISION="${GPU_CHECK_MATMUL_PRECISION:-highest}" \
   "$PY" -m pytest -q -x -p no:cacheprovider "${DESELECT[@]}" tests/test_attention.py tests/test_layers.py \
-  tests/test_transformer.py tests/test_training.py
+  tests/test_transformer.py tests/test_train_step.py
 
 # 5. The benchmark, one process per config (train, greedy, beam), JSON lines appended after each mode.
 if [[ $ALLOW_CPU == 1 ]]; then

@@ -14,7 +14,7 @@ from ml_collections import config_flags
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # Run from a checkout.
 
 from flaxformer_lite import config as config_lib  # noqa: E402
-from flaxformer_lite import compilation_cache, sharding, storage, trainer  # noqa: E402
+from flaxformer_lite import sharding, storage, train_loop  # noqa: E402
 from flaxformer_lite import run as run_lib  # noqa: E402
 
 config_lib.register_jax_flags()  # --jax_* flags (--jax_platforms=cpu, --jax_log_compiles, ...).
@@ -35,9 +35,9 @@ def main(argv):
     workdir = _WORKDIR.value or os.path.join(
         "workdir", os.path.splitext(os.path.basename(flags.FLAGS["config"].config_filename))[0])
     logging.info("workdir: %s", storage.as_path(workdir))
-    compilation_cache.use_workdir_cache(workdir)
+    run_lib.use_compilation_cache(workdir)
     try:
-        metrics = trainer.train_and_evaluate(_CONFIG.value, workdir)
+        metrics = train_loop.train_and_evaluate(_CONFIG.value, workdir)
     except run_lib.RunInUseError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)

@@ -14,7 +14,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # Run from a checkout.
 
 from flaxformer_lite import config as config_lib  # noqa: E402
-from flaxformer_lite import compilation_cache, sharding, translation  # noqa: E402
+from flaxformer_lite import sharding, translation  # noqa: E402
 from flaxformer_lite import run as run_lib  # noqa: E402
 
 config_lib.register_jax_flags()  # --jax_* flags (--jax_platforms=cpu, --jax_log_compiles, ...).
@@ -39,7 +39,7 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     _INITIALIZE_DISTRIBUTED()  # Several processes: all of them decode, process 0 prints.
-    compilation_cache.use_workdir_cache(_WORKDIR.value)
+    run_lib.use_compilation_cache(_WORKDIR.value)
     cfg = _DECODE_CONFIG()
     run = run_lib.restore(_WORKDIR.value, flags.FLAGS.checkpoint, flags.FLAGS.average_last)
     decode_fn = translation.make_decode_fn(run.model, cfg, run.mesh)

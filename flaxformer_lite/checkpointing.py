@@ -18,7 +18,7 @@ Decisions, and why:
   process's position means nothing to another. A run resumed on another process count is refused.
 * The state is restored against an abstract target whose leaves carry shardings, so a checkpoint written on
   one mesh restores onto any other mesh or device count; readers restore ``params`` alone.
-* One step resolution (:func:`resolve_steps`) serves the trainer and every reader: ``latest`` means "the
+* One step resolution (:func:`resolve_steps`) serves the training loop and every reader: ``latest`` means "the
   newest readable", so a checkpoint that fails to restore (missing commit marker, truncated or deleted
   files) is skipped with a warning for the one before it. Resuming from an older step also deletes the
   unreadable newer ones: the run will save those step numbers again, and Orbax would refuse to.

@@ -23,7 +23,7 @@ from flaxformer_lite import sharding
 from flaxformer_lite.data.datasets import DatasetConfig
 from flaxformer_lite.data.pipeline import PipelineConfig
 from flaxformer_lite.data.tokenizer import TokenizerConfig
-from flaxformer_lite.training import TrainConfig
+from flaxformer_lite.train_step import TrainConfig
 from flaxformer_lite.transformer import TransformerConfig
 
 SECTIONS: dict[str, type] = {
@@ -112,10 +112,13 @@ def build(section: str, config: ml_collections.ConfigDict, **replace: Any):
     """The frozen dataclass of one section, e.g. ``build('model', config, vocab_size=...)``.
 
     Errors name the section and field (``config.model.d_model: ...``), so a bad flag value is reported in
-    the terms the user typed.
+    the terms the user typed. ``train.total_steps`` 0 becomes ``config.num_train_steps`` here, the one place
+    a TrainConfig is made from a config.
     """
     cls = SECTIONS[section]
     values = {**config[section].to_dict(), **replace}
+    if section == "train" and not values.get("total_steps"):
+        values["total_steps"] = config.num_train_steps  # The schedule spans the run unless told otherwise.
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - known)
     if unknown:

@@ -8,7 +8,7 @@ Every path goes through ``etils.epath``, so a local folder and ``gs://bucket/run
     checkpoints/       Orbax checkpoints: train state + every process's data position (checkpointing.py)
     metrics.jsonl      one JSON object per logged step (train and eval metrics)
     tensorboard/       TensorBoard event files of the same metrics
-    compilation_cache/ compiled XLA programs (compilation_cache.py)
+    compilation_cache/ compiled XLA programs (use_compilation_cache)
     eval/              reports and hypotheses of evaluate.py
     visualize/         attention maps and curves of visualize.py
     train.lock         who is training in this directory now (RunLock)
@@ -31,7 +31,7 @@ import jax
 import ml_collections
 from jax.sharding import Mesh
 
-from flaxformer_lite import checkpointing, sharding, storage, training
+from flaxformer_lite import checkpointing, sharding, storage, train_step
 from flaxformer_lite import config as config_lib
 from flaxformer_lite.data import datasets
 from flaxformer_lite.data import tokenizer as tokenizer_lib
@@ -57,6 +57,28 @@ class RunDir:
     eval = property(lambda self: self.root / "eval")
     visualize = property(lambda self: self.root / "visualize")
     lock = property(lambda self: self.root / "train.lock")
+
+
+_MIN_COMPILE_SECONDS = 0.2  # Programs that compile faster than this are not worth a file.
+
+
+def use_compilation_cache(workdir) -> str:
+    """Points JAX's persistent compilation cache at ``workdir/compilation_cache`` unless one is set already
+    (``JAX_COMPILATION_CACHE_DIR`` or ``jax.config``); returns the directory in use.
+
+    A resumed run, or a second evaluation, then loads its compiled programs instead of compiling them again,
+    and the cache lives and dies with the run. Call it before anything is compiled: JAX opens the cache once.
+    """
+    chosen = jax.config.jax_compilation_cache_dir
+    if not chosen:
+        chosen = str(RunDir.of(workdir).compilation_cache)
+        jax.config.update("jax_compilation_cache_dir", chosen)
+    if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
+        # JAX's default threshold leaves out the short programs of evaluation (an encoder per source width),
+        # which would then compile again in every run.
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", _MIN_COMPILE_SECONDS)
+    logging.info("XLA compilation cache: %s", chosen)
+    return chosen
 
 
 def save_config(workdir, config: ml_collections.ConfigDict) -> None:
@@ -123,7 +145,7 @@ def restore(workdir, checkpoint: str = "latest", average_last: int = 0,
     data = prepare_data(config, workdir)
     model = Transformer(data.model_config)
     mesh = evaluation_mesh(config)
-    abstract = training.abstract_params(model, mesh, rules=config_lib.axis_rules(config))
+    abstract = train_step.abstract_params(model, mesh, rules=config_lib.axis_rules(config))
     params, label = checkpointing.restore_params(
         RunDir.of(workdir).checkpoints, abstract, checkpoint,
         best_metric=config.get("checkpoint_best_metric") or None, average_last=average_last)

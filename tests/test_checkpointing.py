@@ -78,7 +78,7 @@ class Position(grain.DatasetIterator):
 
 
 def abstract(tree, sharding_fn):
-    """ShapeDtypeStructs with shardings, as the trainer builds them from jax.eval_shape."""
+    """ShapeDtypeStructs with shardings, as the training loop builds them from jax.eval_shape."""
     return jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding_fn(x)),
         jax.eval_shape(lambda: tree),

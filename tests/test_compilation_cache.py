@@ -1,4 +1,4 @@
-"""compilation_cache.py: the persistent cache goes to the workdir, and keeps small programs too, unless the
+"""run.use_compilation_cache: the persistent cache goes to the workdir, and keeps small programs too, unless the
 user chose otherwise (each case in a fresh interpreter: JAX's cache settings are process-wide)."""
 
 import os
@@ -7,10 +7,9 @@ import sys
 
 import pytest
 
-from flaxformer_lite import compilation_cache
 
-SHOW = ("import sys, jax; from flaxformer_lite import compilation_cache; "
-        "print(compilation_cache.use_workdir_cache(sys.argv[1])); "
+SHOW = ("import sys, jax; from flaxformer_lite import run; "
+        "print(run.use_compilation_cache(sys.argv[1])); "
         "print(jax.config.jax_persistent_cache_min_compile_time_secs)")
 
 

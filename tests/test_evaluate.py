@@ -1,26 +1,18 @@
 """Scoring, and the evaluate / translate commands on a freshly trained tiny run."""
 
 import json
-import os
-import pathlib
 import shutil
-import subprocess
-import sys
 
 import pytest
 
 from flaxformer_lite import checkpointing, translation
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-TINY = ROOT / "experiments" / "configs" / "tiny.py"
+from helpers import TINY, run_script, script_env
 
 
 def run(script, *args, stdin=None, devices=1):
     # Every compiled program goes to the run's compilation cache, however quickly it compiled.
-    env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}" if devices > 1 else "")
-    return subprocess.run([sys.executable, str(ROOT / "experiments" / script), *args], capture_output=True,
-                          text=True, timeout=300, env=env, cwd=ROOT, input=stdin)
+    env = script_env(devices, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+    return run_script(script, *args, stdin=stdin, env=env)
 
 
 def test_score_bleu_chrf_exact_match():

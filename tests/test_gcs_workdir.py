@@ -7,9 +7,7 @@ translate.py process pointed at it by environment variables, as a user's would b
 
 import json
 import os
-import pathlib
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,17 +19,14 @@ pytest.importorskip("gcsfs")
 pytest.importorskip("gcp_storage_emulator")
 
 import gcs_emulator  # noqa: E402  (tests/ is on sys.path under pytest)
+from helpers import ROOT, TINY, free_port, script_env  # noqa: E402
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-TINY = ROOT / "experiments" / "configs" / "tiny.py"
 WORKDIR = "gs://bucket/runs/tiny"
 
 
 @pytest.fixture(scope="module")
 def emulator():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     server = subprocess.Popen([sys.executable, str(ROOT / "tests" / "gcs_emulator.py"), str(port), "bucket"],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
@@ -54,7 +49,7 @@ def objects(url, prefix="runs/tiny/") -> list[str]:
 
 
 def command(url, cwd, script, *args, **popen):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", **gcs_emulator.environment(url))
+    env = script_env(**gcs_emulator.environment(url))
     return subprocess.Popen([sys.executable, str(ROOT / "experiments" / script), *args], env=env, cwd=cwd,
                             text=True, **popen)
 

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flaxformer_lite import layers, training, transformer
+from flaxformer_lite import layers, transformer, train_step as training
 
 # (equation, shape of x, shape of y): every product the model makes, forward.
 PRODUCTS = [

@@ -12,8 +12,6 @@ cross-process all-reduce (gloo) sums the gradient in a different order than the 
 
 import json
 import os
-import pathlib
-import socket
 import signal
 import subprocess
 import sys
@@ -24,21 +22,13 @@ import numpy as np
 import pytest
 
 from flaxformer_lite import run as run_lib
-from flaxformer_lite import checkpointing, sharding, training
+from flaxformer_lite import checkpointing, sharding, train_step
 from flaxformer_lite.config import build
 from flaxformer_lite.data import pipeline
 from flaxformer_lite.transformer import Transformer
+from helpers import ROOT, TINY, TRAIN, free_port, restored_params as saved_params, script_env
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-TRAIN = ROOT / "experiments" / "train.py"
-TINY = ROOT / "experiments" / "configs" / "tiny.py"
 STEPS = 3
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
 
 
 class Processes:
@@ -51,8 +41,7 @@ class Processes:
 
     def __init__(self, workdir, data_dir, num_processes, devices_per_process, *flags, per_process=None,
                  tag=""):
-        env = dict(os.environ, JAX_PLATFORMS="cpu",
-                   XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_process}")
+        env = script_env(devices_per_process)
         port = free_port()
         self.procs, self.logs = [], []
         for index in range(num_processes):
@@ -104,23 +93,18 @@ def wait_for(condition, processes: Processes, timeout=240, what=""):
         time.sleep(0.02)
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("tfds")
-
-
 def reference_run(workdir, steps):
     """1 process x 8 devices fed, each step, the concatenation of the two processes' batches."""
     config = run_lib.load_config(workdir)
     data = run_lib.prepare_data(config, workdir)  # Reads the vocabulary the 2-process run trained.
     model = Transformer(data.model_config)
     train_cfg = build("train", config)
-    optimizer = training.make_optimizer(train_cfg, data.model_config.d_model)
+    optimizer = train_step.make_optimizer(train_cfg, data.model_config.d_model)
     mesh = sharding.create_mesh((-1, 1, 1))
     assert mesh.devices.size == 8
-    _, state_sharding = training.state_shardings(model, optimizer, mesh)
-    train_step, _ = training.make_step_functions(model, optimizer, train_cfg, mesh, state_sharding)
-    state = training.create_train_state(config.seed, model, optimizer, state_sharding)
+    _, state_sharding = train_step.state_shardings(model, optimizer, mesh)
+    train_fn, _ = train_step.make_step_functions(model, optimizer, train_cfg, mesh, state_sharding)
+    state = train_step.create_train_state(config.seed, model, optimizer, state_sharding)
     data_cfg = build("data", config)
     shards = [iter(pipeline.make_train_data(data.train_source, data.inputs_tokenizer, data.targets_tokenizer,
                                             data_cfg, process_index=i, process_count=2)) for i in range(2)]
@@ -128,13 +112,9 @@ def reference_run(workdir, steps):
     for _ in range(steps):
         parts = [next(shard) for shard in shards]
         batch = {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
-        state, metrics = train_step(state, sharding.shard_batch(batch, mesh))
-        losses.append(float(training.summarize(jax.device_get(metrics))["loss"]))
+        state, metrics = train_fn(state, sharding.shard_batch(batch, mesh))
+        losses.append(float(train_step.summarize(jax.device_get(metrics))["loss"]))
     return jax.device_get(state.params), losses
-
-
-def saved_params(workdir, step):
-    return jax.device_get(run_lib.restore(workdir, str(step)).params)
 
 
 def test_two_processes_of_four_devices_match_one_process_of_eight(tmp_path, data_dir):
@@ -167,14 +147,11 @@ def test_two_processes_of_four_devices_match_one_process_of_eight(tmp_path, data
     evaluate = [sys.executable, str(ROOT / "experiments" / "evaluate.py"), f"--workdir={workdir}",
                 "--split=test[:20]", "--method=beam", "--beam_size=2", "--batch_size=6"]
     report = workdir / "eval" / f"test[:20]-{STEPS}-beam2-a0.6.json"
-    single = subprocess.run(evaluate, capture_output=True, text=True, timeout=300, cwd=ROOT,
-                            env=dict(os.environ, JAX_PLATFORMS="cpu",
-                                     XLA_FLAGS="--xla_force_host_platform_device_count=8"))
+    single = subprocess.run(evaluate, capture_output=True, text=True, timeout=300, cwd=ROOT, env=script_env(8))
     assert single.returncode == 0, single.stderr[-3000:]
     expected = (json.loads(report.read_text()), report.with_suffix(".txt").read_text())
     report.unlink()
-    port, env = free_port(), dict(os.environ, JAX_PLATFORMS="cpu",
-                                  XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    port, env = free_port(), script_env(4)
     procs = [subprocess.Popen([*evaluate, f"--coordinator_address=localhost:{port}", "--num_processes=2",
                                f"--process_id={index}"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               text=True, env=env, cwd=ROOT) for index in range(2)]

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flaxformer_lite import Transformer, TransformerConfig, preset, shift_right, training
+from flaxformer_lite import Transformer, TransformerConfig, preset, shift_right, train_step as training
 from flaxformer_lite.layers import PADDED_LOGIT
 
 INPUTS = np.array([[5, 6, 7, 8, 1, 0, 0], [9, 10, 1, 0, 0, 0, 0]], np.int32)

@@ -17,6 +17,7 @@ batch is real (random ids, no padding), so tokens/s counts real tokens. The GPU 
 attention in bfloat16), as MaxText's GPU recipes do.
 """
 
+from experiments.configs import common
 from flaxformer_lite import config as config_lib
 
 _SHAPES = {
@@ -34,10 +35,6 @@ def get_config(size: str = "small"):
     config = config_lib.default_config()
     config_lib.with_preset(config, shape["preset"], vocab_size=shape["vocab_size"], pre_layer_norm=True,
                            dropout_rate=0.1, attention_dropout_rate=shape.get("attention_dropout_rate", 0.1))
-    config.data.batch_size = shape["batch_size"]
-    config.data.max_inputs_length = 64
-    config.data.max_targets_length = 64
-    config.train.schedule = "rsqrt"
-    config.train.learning_rate = 1e-3
-    config.train.warmup_steps = 1000
+    common.packed_rows(config, shape["batch_size"])
+    common.rsqrt_schedule(config)
     return config

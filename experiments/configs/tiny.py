@@ -1,4 +1,4 @@
-"""A seconds-long run for tests: the tiny model on SCAN, a few steps, everything logged and checkpointed."""
+"""A short run for tests: the tiny model on SCAN, a few steps, everything logged and checkpointed."""
 
 from flaxformer_lite import config as config_lib
 

@@ -8,6 +8,7 @@ big 300k. The batch here is 768 rows of 64 packed tokens (~25k target tokens per
 set ``mesh_shape`` and ``data.batch_size`` (rows per process) for your hardware.
 """
 
+from experiments.configs import common
 from flaxformer_lite import config as config_lib
 
 
@@ -23,15 +24,12 @@ def get_config(size: str = "base"):
     config.tokenizer.model_type = "bpe"
     config.tokenizer.vocab_size = 37_000
     config_lib.with_preset(config, size)
-    config.data.batch_size = 768
-    config.data.max_inputs_length = 64
-    config.data.max_targets_length = 64
+    common.packed_rows(config, 768)
     config.train.schedule = "transformer"
     config.train.learning_rate = 1.0  # A multiplier of the paper's schedule.
     config.train.warmup_steps = 4000
     config.train.label_smoothing = 0.1
     config.num_train_steps = 100_000 if size == "base" else 300_000
-    config.train.total_steps = config.num_train_steps
     config.eval_every_steps = 5000
     config.eval_max_batches = 50
     config.checkpoint_every_steps = 5000

@@ -10,18 +10,18 @@ Batches are dicts of numpy int32 arrays keyed exactly like the model's keyword a
 ``inputs_segmentation``/``targets_segmentation`` (1, 2, ... for the examples of a row, 0 on padding).
 
 Tokenization is done once, eagerly, over this process's shard rather than lazily per epoch: it is paid once
-instead of every epoch (SentencePiece's batched encoder does Multi30k's 29k pairs in ~0.4 s), the
-filter/truncate counts are exact and known before the first step, and the epoch length is known, so
-shuffling is a true per-epoch permutation. The cost is memory, about 4 bytes per token (a 4.5M-pair corpus
+instead of every epoch (SentencePiece's batched encoder makes that cheap), the filter/truncate counts are
+exact and known before the first step, and the epoch length is known, so shuffling is a true per-epoch
+permutation. The cost is memory, about 4 bytes per token (a 4.5M-pair corpus
 of ~30 tokens a side is ~1 GB); the corpora this project targets are far smaller.
 
 Packing is our own, planned per epoch on the token lengths alone: the epoch's permutation is fed to an
 online first-fit over a window of ``batch_size * packing_bins_per_batch`` open rows (an example goes into
 the oldest open row where both of its sides fit; when none has room, the oldest row is closed and a new
 one opened), and rows are emitted in closing order. Batches are then filled with a handful of vectorised
-numpy operations. We measured grain's ``FirstFitPackIterDataset`` first: it is correct, but its per-example
-Python overhead capped it at ~15k examples/s on one core and it closes all its open rows whenever one
-example fits nowhere; this planner runs several times faster and packs denser (see experiments/data_stats.py).
+numpy operations. grain's ``FirstFitPackIterDataset`` is correct, but it pays Python overhead per example
+and closes all its open rows whenever one example fits nowhere; this planner is faster and packs denser
+(``experiments/data_stats.py`` compares the two).
 The iterator's state is just ``{epoch, batch}``: the plan of an epoch is a pure function of (seed, epoch),
 so a restored iterator recomputes it and continues exactly where it stopped. It is a grain
 ``DatasetIterator``, so grain's thread prefetch and checkpoint handler work on it.
@@ -57,7 +57,7 @@ class PipelineConfig:
     packing_bins_per_batch: int = 2  # Open rows of the first-fit window, in batches; more packs denser.
     seed: int = 0  # Shuffle seed; epoch e is shuffled with (seed, e).
     num_epochs: int | None = None  # Passes over the training split; None repeats forever.
-    prefetch_buffer_size: int = 0  # Batches a background thread prepares ahead of the trainer; 0 = off.
+    prefetch_buffer_size: int = 0  # Batches a background thread prepares ahead of the training loop; 0 = off.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -366,15 +366,9 @@ class TrainData:
         return iter(self.dataset)
 
 
-def make_train_data(
-    source: Any,
-    inputs_tokenizer: tokenizer_lib.Tokenizer,
-    targets_tokenizer: tokenizer_lib.Tokenizer,
-    config: PipelineConfig,
-    *,
-    process_index: int | None = None,
-    process_count: int | None = None,
-) -> TrainData:
+def make_train_data(source: Any, inputs_tokenizer: tokenizer_lib.Tokenizer, targets_tokenizer: tokenizer_lib.Tokenizer,
+                    config: PipelineConfig, *, process_index: int | None = None,
+                    process_count: int | None = None) -> TrainData:
     """Builds the training pipeline of this process over its shard ``source[process_index::process_count]``.
 
     With ``num_epochs`` set, processes may end with different numbers of batches (different shards pack
@@ -479,17 +473,9 @@ class EvalData:
         return tokenizer_lib.to_text(example["inputs"]), tokenizer_lib.to_text(example["targets"])
 
 
-def make_eval_data(
-    source: Any,
-    inputs_tokenizer: tokenizer_lib.Tokenizer,
-    targets_tokenizer: tokenizer_lib.Tokenizer,
-    config: PipelineConfig,
-    *,
-    process_index: int | None = None,
-    process_count: int | None = None,
-    max_examples: int = 0,
-    longest_first: bool = False,
-) -> EvalData:
+def make_eval_data(source: Any, inputs_tokenizer: tokenizer_lib.Tokenizer, targets_tokenizer: tokenizer_lib.Tokenizer,
+                   config: PipelineConfig, *, process_index: int | None = None, process_count: int | None = None,
+                   max_examples: int = 0, longest_first: bool = False) -> EvalData:
     """Builds the eval batches of a split (all of it is tokenized in every process: eval splits are small).
 
     Only ``batch_size`` and the max lengths of ``config`` are used; nothing is shuffled, packed or dropped.

@@ -2,7 +2,6 @@
 
 import json
 import os
-import pathlib
 import signal
 import subprocess
 import sys
@@ -11,42 +10,14 @@ import time
 import jax
 import numpy as np
 import pytest
-from ml_collections import config_flags  # noqa: F401  (the config files are plain modules)
 
 from flaxformer_lite import run as run_lib
-from flaxformer_lite import trainer
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-TRAIN = ROOT / "experiments" / "train.py"
-TINY = ROOT / "experiments" / "configs" / "tiny.py"
-
-
-def tiny_config(data_dir, **overrides):
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("tiny_config", TINY)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()
-    config.data_dir = str(data_dir)
-    for key, value in overrides.items():
-        section, _, field = key.rpartition(".")
-        (config[section] if section else config)[field] = value
-    return config
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("tfds")
+from flaxformer_lite import train_loop
+from helpers import ROOT, TINY, TRAIN, restored_params as final_params, run_script, script_env, tiny_config
 
 
 def run_train(*args, timeout=240):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
-    return subprocess.run([sys.executable, str(TRAIN), *args], capture_output=True, text=True, timeout=timeout,
-                          env=env, cwd=ROOT)
-
-
-def final_params(workdir, step):
-    return jax.device_get(run_lib.restore(workdir, str(step)).params)
+    return run_script("train.py", *args, timeout=timeout)
 
 
 def test_train_script_runs_the_tiny_config_end_to_end(tmp_path, data_dir):
@@ -60,6 +31,7 @@ def test_train_script_runs_the_tiny_config_end_to_end(tmp_path, data_dir):
     assert list((workdir / "tensorboard" / "plugins" / "profile").glob("*/*.xplane.pb"))
     config = json.loads((workdir / "config.json").read_text())
     assert config["model"]["vocab_size"] > 3 and config["dataset"]["kind"] == "scan"
+    assert config["train"]["total_steps"] == 6  # The schedule length used: num_train_steps.
     records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     assert {r["step"] for r in records if "train/loss" in r} >= {2, 4, 6}
     assert [r["step"] for r in records if "eval/loss" in r] == [3, 6]
@@ -74,11 +46,11 @@ def test_train_script_runs_the_tiny_config_end_to_end(tmp_path, data_dir):
 def test_resume_gives_bitwise_the_same_parameters(tmp_path, data_dir):
     overrides = {"model.dropout_rate": 0.1, "data.batch_size": 8}  # Dropout: the rng must resume too.
     straight = tmp_path / "straight"
-    trainer.train_and_evaluate(tiny_config(data_dir, num_train_steps=6, **overrides), str(straight))
+    train_loop.train_and_evaluate(tiny_config(data_dir, num_train_steps=6, **overrides), str(straight))
     resumed = tmp_path / "resumed"
-    first = trainer.train_and_evaluate(tiny_config(data_dir, num_train_steps=3, **overrides), str(resumed))
+    first = train_loop.train_and_evaluate(tiny_config(data_dir, num_train_steps=3, **overrides), str(resumed))
     assert first["step"] == 3
-    second = trainer.train_and_evaluate(tiny_config(data_dir, num_train_steps=6, **overrides), str(resumed))
+    second = train_loop.train_and_evaluate(tiny_config(data_dir, num_train_steps=6, **overrides), str(resumed))
     assert second["step"] == 6
     # CPU XLA is deterministic and the resumed run sees the same batches and dropout keys: bitwise equal.
     jax.tree_util.tree_map(np.testing.assert_array_equal, final_params(resumed, 6), final_params(straight, 6))
@@ -89,7 +61,7 @@ def test_resume_gives_bitwise_the_same_parameters(tmp_path, data_dir):
 def test_time_budget_stops_training_with_a_checkpoint_and_an_evaluation(tmp_path, data_dir):
     workdir = tmp_path / "budget"
     # The first step (which compiles) alone takes longer than the budget: the run stops after it.
-    result = trainer.train_and_evaluate(
+    result = train_loop.train_and_evaluate(
         tiny_config(data_dir, num_train_steps=1000, max_train_seconds=1e-3, eval_every_steps=500,
                     checkpoint_every_steps=500), str(workdir))
     assert result["step"] == 1 and "eval/loss" in result
@@ -98,7 +70,7 @@ def test_time_budget_stops_training_with_a_checkpoint_and_an_evaluation(tmp_path
 
 def test_sigterm_saves_a_restorable_checkpoint_and_resume_continues(tmp_path, data_dir):
     workdir = tmp_path / "preempted"
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+    env = script_env()
     process = subprocess.Popen(
         [sys.executable, str(TRAIN), f"--config={TINY}", f"--workdir={workdir}", f"--config.data_dir={data_dir}",
          "--config.num_train_steps=100000", "--config.checkpoint_every_steps=100000",
@@ -139,7 +111,7 @@ def test_bad_flags_fail_clearly_and_write_nothing(tmp_path, data_dir, flag, mess
 
 def test_a_second_training_in_a_live_runs_workdir_refuses_and_names_it(tmp_path, data_dir):
     workdir = tmp_path / "live"
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+    env = script_env()
     with open(tmp_path / "first.log", "w") as log:
         first = subprocess.Popen(
             [sys.executable, str(TRAIN), f"--config={TINY}", f"--workdir={workdir}", f"--config.data_dir={data_dir}",

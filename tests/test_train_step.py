@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flaxformer_lite import Transformer, preset, sharding, training
+from flaxformer_lite import Transformer, preset, sharding, train_step
 
 MODEL = Transformer(preset("tiny"))
 
@@ -26,7 +26,7 @@ def test_label_smoothed_loss_matches_hand_computation():
     logits = np.array([[[2.0, 0.5, -1.0, 0.0], [0.1, 0.2, 0.3, 0.4]]], np.float32)
     targets = np.array([[2, 0]])  # The second position is padding and must not count.
     eps, vocab = 0.1, 4
-    sums = training.cross_entropy_sums(jnp.asarray(logits), jnp.asarray(targets), label_smoothing=eps)
+    sums = train_step.cross_entropy_sums(jnp.asarray(logits), jnp.asarray(targets), label_smoothing=eps)
     log_p = logits[0, 0] - np.log(np.exp(logits[0, 0]).sum())
     q = np.full(vocab, eps / (vocab - 1))
     q[2] = 1 - eps
@@ -42,36 +42,36 @@ def test_smoothed_loss_is_zero_at_its_minimum_and_z_loss_adds():
     q[3] = 1 - eps
     logits = jnp.asarray(np.log(q)[None, None], jnp.float32)  # The prediction equal to the smoothed target.
     targets = jnp.array([[3]])
-    assert abs(float(training.cross_entropy_sums(logits, targets, eps)["loss"])) < 1e-6
+    assert abs(float(train_step.cross_entropy_sums(logits, targets, eps)["loss"])) < 1e-6
     shifted = logits + 2.0  # Same softmax, log Z = 2.
-    with_z = training.cross_entropy_sums(shifted, targets, eps, z_loss=1e-2)["loss"]
+    with_z = train_step.cross_entropy_sums(shifted, targets, eps, z_loss=1e-2)["loss"]
     np.testing.assert_allclose(float(with_z), 1e-2 * 4.0, atol=1e-5)
 
 
 def test_paper_learning_rate_schedule():
-    cfg = training.TrainConfig(schedule="transformer", learning_rate=1.0, warmup_steps=4000)
-    lr = training.learning_rate_schedule(cfg, d_model=512)
+    cfg = train_step.TrainConfig(schedule="transformer", learning_rate=1.0, warmup_steps=4000)
+    lr = train_step.learning_rate_schedule(cfg, d_model=512)
     for step in (1, 100, 4000, 16000):
         expected = 512 ** -0.5 * min(step ** -0.5, step * 4000 ** -1.5)
         np.testing.assert_allclose(float(lr(jnp.asarray(step - 1))), expected, rtol=1e-5)
     assert float(lr(jnp.asarray(3999))) > float(lr(jnp.asarray(3998)))  # Rising during warm-up...
     assert float(lr(jnp.asarray(4001))) < float(lr(jnp.asarray(4000)))  # ...then decaying.
-    rsqrt = training.learning_rate_schedule(dataclasses.replace(cfg, schedule="rsqrt", learning_rate=1e-3), 512)
+    rsqrt = train_step.learning_rate_schedule(dataclasses.replace(cfg, schedule="rsqrt", learning_rate=1e-3), 512)
     np.testing.assert_allclose(float(rsqrt(jnp.asarray(3999))), 1e-3, rtol=1e-6)
 
 
 @pytest.mark.parametrize("optimizer", ["adam", "adafactor"])
 def test_gradient_accumulation_equals_the_full_batch(optimizer):
-    full_cfg = training.TrainConfig(optimizer=optimizer, schedule="constant", learning_rate=1e-2,
+    full_cfg = train_step.TrainConfig(optimizer=optimizer, schedule="constant", learning_rate=1e-2,
                                     weight_decay=0.01 if optimizer != "adam" else 0.0)
     mesh = sharding.create_mesh((1, 1, 1), jax.devices()[:1])
     results = []
     for microbatches in (1, 4):
         cfg = dataclasses.replace(full_cfg, microbatches=microbatches)
-        opt = training.make_optimizer(cfg, MODEL.config.d_model)
-        _, shardings = training.state_shardings(MODEL, opt, mesh)
-        state = training.create_train_state(0, MODEL, opt, shardings)
-        train, _ = training.make_step_functions(MODEL, opt, cfg, mesh, shardings)
+        opt = train_step.make_optimizer(cfg, MODEL.config.d_model)
+        _, shardings = train_step.state_shardings(MODEL, opt, mesh)
+        state = train_step.create_train_state(0, MODEL, opt, shardings)
+        train, _ = train_step.make_step_functions(MODEL, opt, cfg, mesh, shardings)
         state, metrics = train(state, make_batch())
         results.append((jax.device_get(state.params), jax.device_get(metrics)))
     (params_full, metrics_full), (params_acc, metrics_acc) = results
@@ -87,11 +87,11 @@ def test_gradient_accumulation_equals_the_full_batch(optimizer):
 def _train_three_steps(mesh_shape):
     devices = jax.devices()[: int(np.prod(mesh_shape))]
     mesh = sharding.create_mesh(mesh_shape, devices)
-    cfg = training.TrainConfig(schedule="constant", learning_rate=3e-3, grad_clip_norm=1.0)
-    opt = training.make_optimizer(cfg, MODEL.config.d_model)
-    _, shardings = training.state_shardings(MODEL, opt, mesh)
-    state = training.create_train_state(0, MODEL, opt, shardings)
-    train, evaluate = training.make_step_functions(MODEL, opt, cfg, mesh, shardings)
+    cfg = train_step.TrainConfig(schedule="constant", learning_rate=3e-3, grad_clip_norm=1.0)
+    opt = train_step.make_optimizer(cfg, MODEL.config.d_model)
+    _, shardings = train_step.state_shardings(MODEL, opt, mesh)
+    state = train_step.create_train_state(0, MODEL, opt, shardings)
+    train, evaluate = train_step.make_step_functions(MODEL, opt, cfg, mesh, shardings)
     losses = []
     for step in range(3):
         state, metrics = train(state, sharding.shard_batch(make_batch(step), mesh))
@@ -116,9 +116,9 @@ def test_data_fsdp_tensor_meshes_train_like_one_device():
 
 def test_bad_train_config_names_the_field():
     with pytest.raises(ValueError, match="TrainConfig.schedule"):
-        training.TrainConfig(schedule="linear")
+        train_step.TrainConfig(schedule="linear")
     with pytest.raises(ValueError, match="TrainConfig.optimizer"):
-        training.TrainConfig(optimizer="sgd")
+        train_step.TrainConfig(optimizer="sgd")
     with pytest.raises(ValueError, match="mesh_shape"):
         sharding.create_mesh((3, 1, 1))
 
@@ -126,17 +126,17 @@ def test_bad_train_config_names_the_field():
 _SHARDED_STEPS = """
 import sys
 import jax, numpy as np
-from flaxformer_lite import Transformer, preset, sharding, training
+from flaxformer_lite import Transformer, preset, sharding, train_step
 constrained = sys.argv[2] == "constrained"
 model = Transformer(preset("tiny", vocab_size=21))  # 21 ids: the table is padded to 128 rows.
 for shape in sys.argv[1].split(":"):  # Mesh shapes, e.g. 1,1,1:2,2,2
     shape = tuple(int(n) for n in shape.split(","))
     mesh = sharding.create_mesh(shape, jax.devices()[: int(np.prod(shape))])
-    cfg = training.TrainConfig(schedule="constant", learning_rate=3e-3)
-    opt = training.make_optimizer(cfg, model.config.d_model)
-    _, shardings = training.state_shardings(model, opt, mesh)
-    state = training.create_train_state(0, model, opt, shardings)
-    train, _ = training.make_step_functions(model, opt, cfg, mesh, shardings)
+    cfg = train_step.TrainConfig(schedule="constant", learning_rate=3e-3)
+    opt = train_step.make_optimizer(cfg, model.config.d_model)
+    _, shardings = train_step.state_shardings(model, opt, mesh)
+    state = train_step.create_train_state(0, model, opt, shardings)
+    train, _ = train_step.make_step_functions(model, opt, cfg, mesh, shardings)
     train = train if constrained else train.__wrapped__  # The bare jitted step: constraints do nothing.
     rng = np.random.default_rng(0)
     for step in range(3):
@@ -183,6 +183,6 @@ def test_the_2x2x2_mesh_compiles_without_resharding_activations_and_trains_like_
 
 def test_a_dimension_the_mesh_does_not_divide_is_refused_by_name():
     mesh = sharding.create_mesh((1, 1, 8), jax.devices()[:8])
-    opt = training.make_optimizer(training.TrainConfig(), MODEL.config.d_model)
+    opt = train_step.make_optimizer(train_step.TrainConfig(), MODEL.config.d_model)
     with pytest.raises(ValueError, match=r"'heads' axis \(4\).*axis_rules.heads"):
-        training.state_shardings(MODEL, opt, mesh)
+        train_step.state_shardings(MODEL, opt, mesh)

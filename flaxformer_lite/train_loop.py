@@ -23,7 +23,7 @@ import ml_collections
 import numpy as np
 
 from flaxformer_lite import config as config_lib
-from flaxformer_lite import sharding, storage, training, translation
+from flaxformer_lite import sharding, storage, train_step, translation
 from flaxformer_lite import run as run_lib
 from flaxformer_lite.checkpointing import CheckpointWriter
 from flaxformer_lite.data import pipeline
@@ -112,22 +112,22 @@ class StopAgreement:
             signal.signal(signal.SIGTERM, self._previous_handler)
 
 
-def evaluate_loss(evaluate, params, eval_data: pipeline.EvalData, mesh, max_batches: int = 0) -> dict[str, float]:
+def eval_loss_over(eval_fn, params, eval_data: pipeline.EvalData, mesh, max_batches: int = 0) -> dict[str, float]:
     """Loss, accuracy and perplexity per target token over the eval split (or its first ``max_batches``)."""
     totals = None
     for i, batch in enumerate(eval_data):
         if max_batches and i >= max_batches:
             break
         model_batch, _ = pipeline.split_eval_batch(batch)
-        sums = evaluate(params, sharding.shard_batch(model_batch, mesh))
+        sums = eval_fn(params, sharding.shard_batch(model_batch, mesh))
         totals = sums if totals is None else jax.tree_util.tree_map(np.add, totals, sums)
-    return training.summarize(jax.device_get(totals))
+    return train_step.summarize(jax.device_get(totals))
 
 
-def _evaluate(config, eval_step, decode_fn, params, eval_data, decode_data, data: run_lib.RunData, mesh,
+def _eval_and_log(config, eval_fn, decode_fn, params, eval_data, decode_data, data: run_lib.RunData, mesh,
               step: int) -> dict:
     """Validation loss/accuracy on the eval split and, if configured, translation metrics on its start."""
-    metrics = evaluate_loss(eval_step, params, eval_data, mesh, config.eval_max_batches)
+    metrics = eval_loss_over(eval_fn, params, eval_data, mesh, config.eval_max_batches)
     logging.info("step %d eval (%s): loss %.4f  acc %.4f  ppl %.2f", step, config.eval_split, metrics["loss"],
                  metrics["accuracy"], metrics["perplexity"])
     if decode_fn is not None:
@@ -178,17 +178,18 @@ def _train(config: ml_collections.ConfigDict, workdir, mesh) -> dict[str, float]
     run_dir = run_lib.RunDir.of(workdir)
     # Several processes: process 0 builds the dataset and trains the vocabulary, the others then read them.
     data = _process_zero_first(lambda: run_lib.prepare_data(config, workdir), "prepare_data")
-    config = ml_collections.ConfigDict(config.to_dict())  # Unlocked copy with the resolved model fields.
+    config = ml_collections.ConfigDict(config.to_dict())  # Unlocked copy with the resolved model and train fields.
     config.model.update(dataclasses.asdict(data.model_config))
+    train_cfg = config_lib.build("train", config)
+    config.train.update(dataclasses.asdict(train_cfg))  # config.json records the schedule length used.
     if jax.process_index() == 0:
         run_lib.save_config(workdir, config)
 
     model = Transformer(data.model_config)
-    train_cfg = config_lib.build("train", config)
-    optimizer = training.make_optimizer(train_cfg, data.model_config.d_model)
+    optimizer = train_step.make_optimizer(train_cfg, data.model_config.d_model)
     rules = config_lib.axis_rules(config)
-    abstract_state, state_sharding = training.state_shardings(model, optimizer, mesh, rules=rules)
-    train_step, eval_step = training.make_step_functions(model, optimizer, train_cfg, mesh, state_sharding, rules)
+    abstract_state, state_sharding = train_step.state_shardings(model, optimizer, mesh, rules=rules)
+    train_fn, eval_fn = train_step.make_step_functions(model, optimizer, train_cfg, mesh, state_sharding, rules)
 
     pipeline_cfg = config_lib.build("data", config)
     train_data = pipeline.make_train_data(data.train_source, data.inputs_tokenizer, data.targets_tokenizer,
@@ -215,13 +216,13 @@ def _train(config: ml_collections.ConfigDict, workdir, mesh) -> dict[str, float]
         state, start_step = checkpoints.restore(abstract_state, batches)
         logging.info("Resumed from step %d in %s", start_step, run_dir.root)
     else:
-        state, start_step = training.create_train_state(config.seed, model, optimizer, state_sharding), 0
+        state, start_step = train_step.create_train_state(config.seed, model, optimizer, state_sharding), 0
         logging.info("Starting a new run in %s", run_dir.root)
 
     writer = MetricsWriter(workdir, start_step)
     stopping = StopAgreement(config.max_train_seconds, config.stop_check_every_steps)
     progress = _Progress(start_step, config.num_train_steps,
-                         training.learning_rate_schedule(train_cfg, data.model_config.d_model),
+                         train_step.learning_rate_schedule(train_cfg, data.model_config.d_model),
                          config.max_train_seconds)
     last_metrics: dict[str, float] = {}
     step = start_step
@@ -229,7 +230,7 @@ def _train(config: ml_collections.ConfigDict, workdir, mesh) -> dict[str, float]
     try:
         while step < config.num_train_steps:
             profiler.before(step)
-            state, metrics = train_step(state, sharding.shard_batch(next(batches), mesh))
+            state, metrics = train_fn(state, sharding.shard_batch(next(batches), mesh))
             profiler.after(step + 1, metrics)
             progress.add(metrics)
             step += 1
@@ -242,7 +243,7 @@ def _train(config: ml_collections.ConfigDict, workdir, mesh) -> dict[str, float]
             with progress.paused():  # Evaluation and checkpointing don't count against training speed.
                 eval_metrics = {}
                 if step % config.eval_every_steps == 0 or (is_last and stop != "preempted"):
-                    eval_metrics = _evaluate(config, eval_step, decode_fn, state.params, eval_data, decode_data,
+                    eval_metrics = _eval_and_log(config, eval_fn, decode_fn, state.params, eval_data, decode_data,
                                              data, mesh, step)
                     writer.write(step, eval_metrics)
                     last_metrics.update(eval_metrics)
@@ -347,7 +348,7 @@ class _Progress:
         eta = (self._num_steps - step) / rate
         if self._max_seconds:
             eta = min(eta, max(self._max_seconds - self.training_seconds(), 0.0))
-        summary = training.summarize(sums)
+        summary = train_step.summarize(sums)
         metrics = {f"train/{k}": v for k, v in summary.items()}
         metrics.update({
             "train/grad_norm": sums["grad_norm"] / max(steps, 1),  # Mean over the steps of this line.

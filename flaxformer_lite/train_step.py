@@ -35,7 +35,9 @@ class TrainConfig:
     schedule: str = "transformer"  # "transformer" (paper), "rsqrt", "cosine" or "constant".
     learning_rate: float = 1e-3  # Peak rate for rsqrt/cosine/constant; a multiplier for "transformer".
     warmup_steps: int = 4000  # Linear warm-up steps (paper: 4000).
-    total_steps: int = 100_000  # Length of training; the cosine schedule decays to its end over it.
+    # Length of the schedule: the cosine decays to its end over it. 0 means ``config.num_train_steps``,
+    # filled in by ``config.build('train', ...)``; set it to decay over another length.
+    total_steps: int = 0
     adam_b1: float = 0.9  # Adam beta1 (paper 0.9).
     adam_b2: float = 0.98  # Adam beta2 (paper 0.98).
     adam_eps: float = 1e-9  # Adam epsilon (paper 1e-9).
@@ -54,8 +56,9 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.label_smoothing: must be in [0, 1), got {self.label_smoothing}")
         if self.microbatches < 1:
             raise ValueError(f"TrainConfig.microbatches: must be >= 1, got {self.microbatches}")
-        if self.warmup_steps < 0 or self.total_steps < 1:
-            raise ValueError("TrainConfig.warmup_steps must be >= 0 and total_steps >= 1")
+        if self.warmup_steps < 0 or self.total_steps < 0:
+            raise ValueError("TrainConfig.warmup_steps and total_steps must be >= 0 (total_steps 0: "
+                             "num_train_steps)")
 
 
 @flax.struct.dataclass
@@ -89,6 +92,9 @@ def learning_rate_schedule(cfg: TrainConfig, d_model: int) -> optax.Schedule:
     if cfg.schedule == "rsqrt":
         return rsqrt
     if cfg.schedule == "cosine":
+        if cfg.total_steps < 1:
+            raise ValueError("TrainConfig.total_steps is 0: build the TrainConfig with config.build('train', "
+                             "config), which makes it config.num_train_steps, or set it")
         return optax.warmup_cosine_decay_schedule(0.0, cfg.learning_rate, cfg.warmup_steps,
                                                   max(cfg.total_steps, cfg.warmup_steps + 1))
     return optax.constant_schedule(cfg.learning_rate)
@@ -149,8 +155,8 @@ def _token_loss(logits, targets, label_smoothing, z_loss, vocab_size):
     """Per-token ``sum_v q_v * -log p_v - H(q) + z_loss * log(Z)^2`` for logits ``[..., rows]`` of which
     the first ``vocab_size`` are real (q is 0 on the others).
 
-    Its gradient is written out, ``(p - q) + 2 z_loss log(Z) p``, instead of left to autodiff, which
-    materializes several ``[tokens, V]`` intermediates: on a CPU the loss's backward pass took 30% less time.
+    Its gradient is written out, ``(p - q) + 2 z_loss log(Z) p``, instead of left to autodiff, which would
+    materialize several ``[tokens, V]`` intermediates and make the loss's backward pass slower.
     """
     return _token_loss_fwd(logits, targets, label_smoothing, z_loss, vocab_size)[0]
 
