@@ -53,7 +53,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from flaxformer_lite import decoding, flops, sharding, train_step as training  # noqa: E402
+from flaxformer_lite import decoding, flops, sharding, train_step  # noqa: E402
 from flaxformer_lite import config as config_lib  # noqa: E402
 from flaxformer_lite.transformer import Transformer  # noqa: E402
 
@@ -161,17 +161,17 @@ def random_batches(rng: np.random.Generator, count: int, batch: int, inputs_leng
 
 def bench_train(config, model: Transformer, mesh, peak_per_device: float) -> dict:
     train_cfg = config_lib.build("train", config)
-    optimizer = training.make_optimizer(train_cfg, model.config.d_model)
-    _, state_sharding = training.state_shardings(model, optimizer, mesh)
-    train_step, _ = training.make_step_functions(model, optimizer, train_cfg, mesh, state_sharding)
-    state = training.create_train_state(config.seed, model, optimizer, state_sharding)
+    optimizer = train_step.make_optimizer(train_cfg, model.config.d_model)
+    _, state_sharding = train_step.state_shardings(model, optimizer, mesh)
+    jitted_step, _ = train_step.make_step_functions(model, optimizer, train_cfg, mesh, state_sharding)
+    state = train_step.create_train_state(config.seed, model, optimizer, state_sharding)
     batch, s, t = config.data.batch_size, config.data.max_inputs_length, config.data.max_targets_length
     batches = [sharding.shard_batch(b, mesh) for b in
                random_batches(np.random.default_rng(0), 4, batch, s, t, model.config.vocab_size)]
 
     def step(i):
         nonlocal state
-        state, metrics = train_step(state, batches[i % len(batches)])
+        state, metrics = jitted_step(state, batches[i % len(batches)])
         return metrics
 
     start = time.perf_counter()

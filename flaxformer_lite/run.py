@@ -1,5 +1,4 @@
-"""A run's directory: where its files live, its saved config and data, the lock of a live run, and restoring
-it for evaluation.
+"""A run's directory: its files, saved config and data, the lock of a live run, and restoring it to evaluate.
 
 Every path goes through ``etils.epath``, so a local folder and ``gs://bucket/run`` behave the same. Layout::
 

@@ -168,9 +168,12 @@ def _attention(cfg: TransformerConfig, name: str) -> attention.MultiHeadAttentio
         implementation=cfg.attention_implementation, name=name)
 
 
-def _feed_forward(cfg: TransformerConfig) -> FeedForward:
-    return FeedForward(cfg.d_ff, cfg.activation, cfg.ffn_dropout_rate, dtype=cfg.dtype,
-                       param_dtype=cfg.param_dtype, name="ffn")
+def _feed_forward_sublayer(cfg: TransformerConfig, x: jax.Array, *, deterministic: bool) -> jax.Array:
+    """The feed-forward residual sub-layer that ends every encoder and decoder layer."""
+    ffn = FeedForward(cfg.d_ff, cfg.activation, cfg.ffn_dropout_rate, dtype=cfg.dtype,
+                      param_dtype=cfg.param_dtype, name="ffn")
+    x = _residual(cfg, x, lambda h: ffn(h, deterministic=deterministic), "ffn_norm", deterministic=deterministic)
+    return constrain(x, *_RESIDUAL)
 
 
 class EncoderLayer(nn.Module):
@@ -184,10 +187,7 @@ class EncoderLayer(nn.Module):
         self_attention = _attention(cfg, "self_attention")
         x = _residual(cfg, x, lambda h: self_attention(h, h, mask, deterministic=deterministic),
                       "self_attention_norm", deterministic=deterministic)
-        ffn = _feed_forward(cfg)
-        x = _residual(cfg, x, lambda h: ffn(h, deterministic=deterministic), "ffn_norm",
-                      deterministic=deterministic)
-        return constrain(x, *_RESIDUAL)
+        return _feed_forward_sublayer(cfg, x, deterministic=deterministic)
 
 
 class DecoderMode(enum.Enum):
@@ -245,10 +245,7 @@ class DecoderLayer(nn.Module):
             h, encoded, cross_mask, deterministic=deterministic,
             mode=attention.Mode.CROSS_STEP if step else attention.Mode.FULL),
             "cross_attention_norm", deterministic=deterministic)
-        ffn = _feed_forward(cfg)
-        y = _residual(cfg, y, lambda h: ffn(h, deterministic=deterministic), "ffn_norm",
-                      deterministic=deterministic)
-        return constrain(y, *_RESIDUAL)
+        return _feed_forward_sublayer(cfg, y, deterministic=deterministic)
 
 
 class _Embedder(nn.Module):

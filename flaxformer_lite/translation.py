@@ -166,8 +166,8 @@ def score(hypotheses: Iterable[str], references: Iterable[str], target_lang: str
 
 
 def translate_and_score(decode_fn, params, eval_data: pipeline.EvalData,
-                          targets_tokenizer: tokenizer_lib.Tokenizer, target_lang: str = "", *,
-                          max_examples: int = 0) -> tuple[dict[str, Any], list[tuple[str, str, str]]]:
+                        targets_tokenizer: tokenizer_lib.Tokenizer, target_lang: str = "", *,
+                        max_examples: int = 0) -> tuple[dict[str, Any], list[tuple[str, str, str]]]:
     """Translates (a prefix of) a split and scores it; returns (metrics, [(source, reference, hypothesis)])."""
     start = time.perf_counter()
     hypotheses = translate(decode_fn, params, eval_data, targets_tokenizer, max_examples=max_examples)

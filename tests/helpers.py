@@ -12,6 +12,10 @@ import jax
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TRAIN = ROOT / "experiments" / "train.py"
 TINY = ROOT / "experiments" / "configs" / "tiny.py"
+# Flags of a short run of the tiny config (a sweep point): 2 steps, one evaluation of 4 decoded examples, one
+# checkpoint.
+FAST = ["--config.num_train_steps=2", "--config.eval_every_steps=2", "--config.checkpoint_every_steps=2",
+        "--config.decode_eval_examples=4"]
 
 
 def free_port() -> int:

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flaxformer_lite import layers, transformer, train_step as training
+from flaxformer_lite import layers, transformer, train_step
 
 # (equation, shape of x, shape of y): every product the model makes, forward.
 PRODUCTS = [
@@ -45,7 +45,7 @@ def test_einsum_lowers_to_the_program_of_jnp_einsum(monkeypatch):
     def loss(p):
         logits = model.apply({"params": p}, inputs, inputs, deterministic=False,
                              rngs={"dropout": jax.random.key(1)})
-        return training.cross_entropy_sums(logits, inputs, 0.1)["loss"]
+        return train_step.cross_entropy_sums(logits, inputs, 0.1)["loss"]
 
     def programs():
         gradient = jax.jit(jax.grad(loss)).lower(params)
@@ -98,7 +98,7 @@ def test_every_bfloat16_product_of_a_train_step_takes_bfloat16_operands_and_accu
     def loss(p):
         logits = model.apply({"params": p}, inputs, inputs, deterministic=False,
                              rngs={"dropout": jax.random.key(1)})
-        return training.cross_entropy_sums(logits, inputs, 0.1)["loss"]
+        return train_step.cross_entropy_sums(logits, inputs, 0.1)["loss"]
 
     dots = list(_dot_generals(jax.make_jaxpr(jax.grad(loss))(params).jaxpr))
     # Forward and backward of 2 + 2 layers: at least 3 products per matmul of the forward pass.

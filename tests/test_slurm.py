@@ -20,18 +20,10 @@ import time
 
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+from helpers import FAST, ROOT, TINY, free_port
+
 SWEEP = ROOT / "launch" / "sweep.py"
-TINY = ROOT / "experiments" / "configs" / "tiny.py"
-FAST = ["--config.num_train_steps=2", "--config.eval_every_steps=2", "--config.checkpoint_every_steps=2",
-        "--config.decode_eval_examples=4"]
 DAEMONS = ("munged", "slurmctld", "slurmd", "sbatch", "squeue", "sinfo")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _which(name):
@@ -43,8 +35,8 @@ def _slurm_conf(base: pathlib.Path, munge_socket: pathlib.Path) -> str:
     return "\n".join([
         "ClusterName=fflite",
         f"SlurmctldHost={socket.gethostname()}(127.0.0.1)",
-        f"SlurmctldPort={_free_port()}",
-        f"SlurmdPort={_free_port()}",
+        f"SlurmctldPort={free_port()}",
+        f"SlurmdPort={free_port()}",
         "SlurmUser=root",
         "SlurmdUser=root",
         "AuthType=auth/munge",

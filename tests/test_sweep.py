@@ -4,7 +4,6 @@ the 4-point tiny sweep (one point fails)."""
 import csv
 import dataclasses
 import json
-import os
 import pathlib
 import subprocess
 import sys
@@ -16,14 +15,10 @@ from ml_collections import config_flags  # noqa: F401
 from flaxformer_lite import sweep_space as space
 from flaxformer_lite import sweep_runner
 from flaxformer_lite.sweep_runner import results, slurm
+from helpers import FAST, ROOT, TINY, script_env
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 SWEEP = ROOT / "launch" / "sweep.py"
-TINY = ROOT / "experiments" / "configs" / "tiny.py"
 TINY_SWEEP = ROOT / "experiments" / "sweeps" / "tiny.py"
-# Short points: 2 steps, one evaluation (4 decoded examples), one checkpoint.
-FAST = ["--config.num_train_steps=2", "--config.eval_every_steps=2", "--config.checkpoint_every_steps=2",
-        "--config.decode_eval_examples=4"]
 
 
 def test_grid_zip_product_and_random():
@@ -196,17 +191,11 @@ def test_results_writer_on_a_fake_root(tmp_path):
     assert results.metric_mode("eval/perplexity") == "min" and results.metric_mode("eval/accuracy") == "max"
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("tfds")
-
-
 def run_sweep(root, data_dir, *flags):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
     return subprocess.run(
         [sys.executable, str(SWEEP), f"--config={TINY}", f"--sweep={TINY_SWEEP}", f"--root={root}", "--workers=2",
          "--eval_flags=--max_examples=4", "--poll_secs=1", *flags, "--", f"--config.data_dir={data_dir}", *FAST],
-        capture_output=True, text=True, timeout=400, env=env, cwd=ROOT)
+        capture_output=True, text=True, timeout=400, env=script_env(), cwd=ROOT)
 
 
 @pytest.mark.slow

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flaxformer_lite import Transformer, TransformerConfig, preset, shift_right, train_step as training
+from flaxformer_lite import Transformer, TransformerConfig, preset, shift_right, train_step
 from flaxformer_lite.layers import PADDED_LOGIT
 
 INPUTS = np.array([[5, 6, 7, 8, 1, 0, 0], [9, 10, 1, 0, 0, 0, 0]], np.int32)
@@ -205,7 +205,7 @@ def test_padded_vocabulary_ids_are_never_predicted_nor_in_the_loss():
 
     def loss(cfg, params):
         logits = Transformer(cfg).apply({"params": params}, inputs, targets)
-        return training.cross_entropy_sums(logits, targets, 0.1, 1e-3, vocab_size=21)["loss"], logits
+        return train_step.cross_entropy_sums(logits, targets, 0.1, 1e-3, vocab_size=21)["loss"], logits
 
     (loss_small, logits_small), grads_small = jax.value_and_grad(loss, 1, has_aux=True)(unpadded,
                                                                                          nn.unbox(small["params"]))

@@ -1,5 +1,6 @@
-"""A 4-point sweep of ``experiments/configs/tiny.py`` for tests: three learning rates and one point that fails
-on purpose (an activation the model does not have), so the sweep's failure reporting is exercised.
+"""A 4-point sweep of ``experiments/configs/tiny.py`` for tests: three learning rates and one failing point.
+
+The failing point asks for an activation the model does not have, so the sweep's failure reporting runs.
 
     python launch/sweep.py --config=experiments/configs/tiny.py --sweep=experiments/sweeps/tiny.py \
         --root=/tmp/sweep_tiny --workers=2 -- --config.data_dir=/tmp/tfds
