@@ -53,7 +53,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from flaxformer_lite import decoding, flops, sharding, train_step  # noqa: E402
+from flaxformer_lite import decoding, errors, flops, sharding, train_step  # noqa: E402
 from flaxformer_lite import config as config_lib  # noqa: E402
 from flaxformer_lite.transformer import Transformer  # noqa: E402
 
@@ -293,4 +293,4 @@ def format_table(rows: list[dict]) -> str:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    errors.run(main)

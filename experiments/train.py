@@ -14,7 +14,7 @@ from ml_collections import config_flags
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # Run from a checkout.
 
 from flaxformer_lite import config as config_lib  # noqa: E402
-from flaxformer_lite import sharding, storage, train_loop  # noqa: E402
+from flaxformer_lite import errors, sharding, storage, train_loop  # noqa: E402
 from flaxformer_lite import run as run_lib  # noqa: E402
 
 config_lib.register_jax_flags()  # --jax_* flags (--jax_platforms=cpu, --jax_log_compiles, ...).
@@ -38,11 +38,11 @@ def main(argv):
     run_lib.use_compilation_cache(workdir)
     try:
         metrics = train_loop.train_and_evaluate(_CONFIG.value, workdir)
-    except run_lib.RunInUseError as error:
+    except train_loop.TrainingDivergedError as error:
         print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(1)
     print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
 
 
 if __name__ == "__main__":
-    app.run(main)
+    errors.run(main)

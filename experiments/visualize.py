@@ -32,7 +32,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # Run from a checkout.
 
 from flaxformer_lite import config as config_lib  # noqa: E402
-from flaxformer_lite import plotting, storage  # noqa: E402
+from flaxformer_lite import errors, plotting, storage  # noqa: E402
 
 config_lib.register_jax_flags()  # --jax_* flags (--jax_platforms=cpu, --jax_log_compiles, ...).
 
@@ -117,6 +117,8 @@ def visualize_curves(workdir: str, out_dir: str) -> str:
     from flaxformer_lite import run as run_lib  # pylint: disable=import-outside-toplevel
 
     run_dir = run_lib.RunDir.of(workdir)
+    if not run_dir.metrics.exists():
+        raise errors.NotFoundError(f"{run_dir.metrics} not found: is {workdir} the workdir of a training run?")
     path = storage.as_path(out_dir) / "curves.png"
     plotting.plot_curves(plotting.read_metrics(run_dir.metrics), path, title=run_dir.root.name)
     return str(path)
@@ -147,4 +149,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    errors.run(main)

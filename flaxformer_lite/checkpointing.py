@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
-from flaxformer_lite import sharding, storage
+from flaxformer_lite import errors, sharding, storage
 
 _STATE = "state"
 _DATA = "data"
@@ -129,19 +129,19 @@ def resolve_steps(steps: Sequence[int], which: str | int, best: int | None = Non
     """
     steps = sorted(int(s) for s in steps)
     if not steps:
-        raise FileNotFoundError("no checkpoints")
+        raise errors.NotFoundError("no checkpoints")
     if which == "latest":
         return steps[::-1]
     if which == "best":
         if best is None:
-            raise ValueError("no best checkpoint: the run kept none (config.checkpoint_best_metric unset, or "
-                             "no evaluation saved with it yet)")
+            raise errors.ConfigError("no best checkpoint: the run kept none (config.checkpoint_best_metric unset, or "
+                                     "no evaluation saved with it yet)")
         return [int(best)]
     if isinstance(which, int) or str(which).isdigit():
         if int(which) not in steps:
-            raise ValueError(f"no checkpoint at step {which}: expected latest, best or one of {steps}")
+            raise errors.ConfigError(f"no checkpoint at step {which}: expected latest, best or one of {steps}")
         return [int(which)]
-    raise ValueError(f"checkpoint {which!r}: expected latest, best or one of {steps}")
+    raise errors.ConfigError(f"checkpoint {which!r}: expected latest, best or one of {steps}")
 
 
 def _first_readable(candidates: Sequence[int], read: Callable[[int], Any], what: str,
@@ -179,19 +179,21 @@ def all_steps(directory) -> list[int]:
 
 
 def restore_params(directory, abstract_params: PyTree, which: str | int = "latest", *,
-                   best_metric: str | None = None, best_mode: str = "max",
-                   average_last: int = 0) -> tuple[PyTree, str]:
+                   best_metric: str | None = None, best_mode: str = "max", average_last: int = 0,
+                   keep_checkpoints: int | None = None) -> tuple[PyTree, str]:
     """The parameters of checkpoint ``which`` (see :func:`resolve_steps`) and a label saying which they are.
 
     ``abstract_params`` are ``jax.ShapeDtypeStruct`` leaves whose shardings say where each array goes.
     ``average_last=K`` averages the K most recent steps up to the chosen one, as the paper does (5 for base,
     20 for big), in float32 as a running mean, so that averaging identical checkpoints is the identity.
+    With the run's ``keep_checkpoints`` (N), those steps come from the newest N only: an older best
+    checkpoint kept beside them (``CheckpointWriter``'s ``best_metric``) is not part of the recent series.
     Labels: ``"1500"``, ``"best-1200"``, ``"avg5-1500"``.
     """
     with _reader(directory, best_metric, best_mode) as manager:
         steps = sorted(int(s) for s in manager.all_steps())
         if not steps:
-            raise FileNotFoundError(f"no checkpoints in {manager.directory}")
+            raise errors.NotFoundError(f"no checkpoints in {manager.directory}")
         best = manager.best_step() if best_metric else None
         candidates = resolve_steps(steps, which, best)
         prefix = "best-" if which == "best" else ""
@@ -200,7 +202,9 @@ def restore_params(directory, abstract_params: PyTree, which: str | int = "lates
                 candidates, lambda s: _read_params(manager, s, abstract_params), "the params", manager.directory)
             logging.info("Restored params from step %d in %s.", step, manager.directory)
             return params, f"{prefix}{step}"
-        chosen = [s for s in steps if s <= candidates[0]][-average_last:]
+        recent = steps[-keep_checkpoints:] if keep_checkpoints else steps
+        series = recent if candidates[0] in recent else [candidates[0]]  # An old best stands alone.
+        chosen = [s for s in series if s <= candidates[0]][-average_last:]
         if len(chosen) < average_last:
             logging.warning("only %d checkpoints up to step %d to average (asked for %d): %s", len(chosen),
                             candidates[0], average_last, chosen)

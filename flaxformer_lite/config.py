@@ -19,7 +19,7 @@ from typing import Any
 import ml_collections
 from ml_collections import config_dict
 
-from flaxformer_lite import sharding
+from flaxformer_lite import errors, sharding
 from flaxformer_lite.data.datasets import DatasetConfig
 from flaxformer_lite.data.pipeline import PipelineConfig
 from flaxformer_lite.data.tokenizer import TokenizerConfig
@@ -122,11 +122,14 @@ def build(section: str, config: ml_collections.ConfigDict, **replace: Any):
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - known)
     if unknown:
-        raise ValueError(f"config.{section}: unknown field(s) {unknown}; known: {sorted(known)}")
+        raise errors.ConfigError(f"config.{section}: unknown field(s) {unknown}; known: {sorted(known)}")
     try:
         return cls(**values)
     except (TypeError, ValueError) as error:
-        raise ValueError(f"config.{section}: {error}") from error
+        # "TrainConfig.learning_rate: must be > 0" -> "config.train.learning_rate: must be > 0", the flag's name.
+        message = str(error).removeprefix(f"{cls.__name__}.")
+        where = f"config.{section}." if message != str(error) else f"config.{section}: "
+        raise errors.ConfigError(where + message) from error
 
 
 def axis_rules(config: ml_collections.ConfigDict) -> tuple:
@@ -144,8 +147,8 @@ def profile_steps(config: ml_collections.ConfigDict) -> tuple[int, int] | None:
     except ValueError:
         start, count = -1, 0
     if start < 0 or count < 1:
-        raise ValueError(f"config.profile_steps={text!r}: expected START,COUNT with START >= 0 and COUNT >= 1, "
-                         "e.g. --config.profile_steps=10,5")
+        raise errors.ConfigError(f"config.profile_steps={text!r}: expected START,COUNT with START >= 0 and COUNT >= 1, "
+                                 "e.g. --config.profile_steps=10,5")
     return start, count
 
 
@@ -154,20 +157,20 @@ def validate(config: ml_collections.ConfigDict) -> None:
     for section in SECTIONS:
         build(section, config)
     if config.num_train_steps < 1:
-        raise ValueError(f"config.num_train_steps must be >= 1, got {config.num_train_steps}")
+        raise errors.ConfigError(f"config.num_train_steps must be >= 1, got {config.num_train_steps}")
     if config.max_train_seconds < 0:
-        raise ValueError(f"config.max_train_seconds must be >= 0 (0: no limit), got {config.max_train_seconds}")
+        raise errors.ConfigError(f"config.max_train_seconds must be >= 0 (0: no limit), got {config.max_train_seconds}")
     if config.checkpoint_best_metric and not config.decode_eval_examples:
-        raise ValueError("config.checkpoint_best_metric needs config.decode_eval_examples > 0")
+        raise errors.ConfigError("config.checkpoint_best_metric needs config.decode_eval_examples > 0")
     if config.checkpoint_best_metric and config.checkpoint_every_steps % config.eval_every_steps:
-        raise ValueError("config.checkpoint_best_metric needs checkpoint_every_steps to be a multiple of "
-                         "eval_every_steps, so that every checkpoint has a metric")
+        raise errors.ConfigError("config.checkpoint_best_metric needs checkpoint_every_steps to be a multiple of "
+                                 "eval_every_steps, so that every checkpoint has a metric")
     axis_rules(config)
     profile_steps(config)
     for name in ("eval_every_steps", "checkpoint_every_steps", "metrics_every_steps", "keep_checkpoints",
                  "stop_check_every_steps"):
         if config[name] < 1:
-            raise ValueError(f"config.{name} must be >= 1, got {config[name]}")
+            raise errors.ConfigError(f"config.{name} must be >= 1, got {config[name]}")
 
 
 def to_json(config: ml_collections.ConfigDict) -> str:

@@ -319,6 +319,12 @@ class PositionalEncoding(nn.Module):
         if self.kind == "sinusoidal":
             table = sinusoidal_encoding(positions, features)
         elif self.kind == "learned":
+            # Positions count within a row, so a row no longer than the table keeps them inside it (a
+            # decoding step's one position is checked by ``decoding``). Past it, jnp.take would give NaN.
+            if x.ndim >= 2 and x.shape[-2] > self.max_length:
+                raise ValueError(f"a sequence of {x.shape[-2]} positions does not fit the learned position "
+                                 f"table of {self.max_length} rows: raise --config.model.max_length, or "
+                                 "shorten the data (--config.data.max_inputs_length / max_targets_length)")
             init = nn.initializers.normal(stddev=0.02)  # BERT's and flax examples/wmt's choice.
             table = param_with_axes(self, "pos_embedding", init, (self.max_length, features),
                                     ("position", "embed"), self.param_dtype)

@@ -89,12 +89,18 @@ def has_cjk(text: str) -> bool:
 
 
 def _covers_cjk(path: str) -> bool:
+    """Whether the font file draws the probe ideographs, each with a glyph of its own.
+
+    Placeholder fonts such as matplotlib's "Last Resort" map every code point of a script to one box glyph:
+    they have the characters in their map but draw none of them.
+    """
     try:
         from matplotlib import ft2font  # pylint: disable=import-outside-toplevel
         charmap = ft2font.FT2Font(path).get_charmap()
     except Exception:  # noqa: BLE001  (unreadable or unsupported font file: not a candidate)
         return False
-    return all(ord(c) in charmap for c in _PROBE)
+    glyphs = [charmap.get(ord(c)) for c in _PROBE]
+    return None not in glyphs and len(set(glyphs)) == len(glyphs)
 
 
 def _known_cjk_family() -> str | None:

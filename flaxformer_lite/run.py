@@ -30,7 +30,7 @@ import jax
 import ml_collections
 from jax.sharding import Mesh
 
-from flaxformer_lite import checkpointing, sharding, storage, train_step
+from flaxformer_lite import checkpointing, errors, sharding, storage, train_step
 from flaxformer_lite import config as config_lib
 from flaxformer_lite.data import datasets
 from flaxformer_lite.data import tokenizer as tokenizer_lib
@@ -88,7 +88,7 @@ def load_config(workdir) -> ml_collections.ConfigDict:
     """The configuration a run saved in its workdir (so evaluation needs no --config)."""
     path = RunDir.of(workdir).config
     if not path.exists():
-        raise FileNotFoundError(f"{path} not found: is {workdir} the workdir of a training run?")
+        raise errors.NotFoundError(f"{path} not found: is {workdir} the workdir of a training run?")
     return config_lib.from_json(path.read_text())
 
 
@@ -147,7 +147,8 @@ def restore(workdir, checkpoint: str = "latest", average_last: int = 0,
     abstract = train_step.abstract_params(model, mesh, rules=config_lib.axis_rules(config))
     params, label = checkpointing.restore_params(
         RunDir.of(workdir).checkpoints, abstract, checkpoint,
-        best_metric=config.get("checkpoint_best_metric") or None, average_last=average_last)
+        best_metric=config.get("checkpoint_best_metric") or None, average_last=average_last,
+        keep_checkpoints=config.get("keep_checkpoints"))
     return RestoredRun(config, data, model, params, mesh, label)
 
 
@@ -162,7 +163,7 @@ def evaluation_mesh(config: ml_collections.ConfigDict) -> Mesh:
         return sharding.create_mesh((-1, 1, 1))
 
 
-class RunInUseError(RuntimeError):
+class RunInUseError(errors.UserError, RuntimeError):
     """Another live training run holds the workdir."""
 
 

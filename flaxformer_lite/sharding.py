@@ -26,6 +26,8 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from flaxformer_lite import errors
+
 MESH_AXES = ("data", "fsdp", "tensor")
 
 # Logical axis -> mesh axes, as comma-separated names ("": replicated). ``config.axis_rules`` starts from
@@ -62,7 +64,8 @@ def axis_rules(mapping: Mapping[str, str] | None = None) -> tuple[tuple[str, Any
         axes = tuple(a.strip() for a in str(value or "").split(",") if a.strip())
         unknown = [a for a in axes if a not in MESH_AXES]
         if unknown:
-            raise ValueError(f"config.axis_rules.{name}={value!r}: {unknown} not among the mesh axes {MESH_AXES}")
+            raise errors.ConfigError(
+                f"config.axis_rules.{name}={value!r}: {unknown} not among the mesh axes {MESH_AXES}")
         rules.append((name, None if not axes else axes[0] if len(axes) == 1 else axes))
     return tuple(rules)
 
@@ -131,17 +134,17 @@ def create_mesh(mesh_shape: Sequence[int] = (-1, 1, 1), devices: Sequence[jax.De
     devices = list(jax.devices() if devices is None else devices)
     shape = list(mesh_shape)
     if len(shape) != len(MESH_AXES):
-        raise ValueError(f"mesh_shape {tuple(mesh_shape)} must have {len(MESH_AXES)} entries {MESH_AXES}")
+        raise errors.ConfigError(f"mesh_shape {tuple(mesh_shape)} must have {len(MESH_AXES)} entries {MESH_AXES}")
     if shape.count(-1) > 1:
-        raise ValueError(f"mesh_shape {tuple(mesh_shape)}: at most one entry may be -1")
+        raise errors.ConfigError(f"mesh_shape {tuple(mesh_shape)}: at most one entry may be -1")
     known = int(np.prod([s for s in shape if s != -1]))
     if -1 in shape:
         if len(devices) % known:
-            raise ValueError(f"mesh_shape {tuple(mesh_shape)} does not divide {len(devices)} devices")
+            raise errors.ConfigError(f"mesh_shape {tuple(mesh_shape)} does not divide {len(devices)} devices")
         shape[shape.index(-1)] = len(devices) // known
     if int(np.prod(shape)) != len(devices):
-        raise ValueError(f"mesh_shape {tuple(shape)} needs {int(np.prod(shape))} devices, "
-                         f"but {len(devices)} are available")
+        raise errors.ConfigError(f"mesh_shape {tuple(shape)} needs {int(np.prod(shape))} devices, "
+                                 f"but {len(devices)} are available")
     return Mesh(mesh_utils.create_device_mesh(shape, devices), MESH_AXES)
 
 
@@ -164,10 +167,10 @@ def logical_shardings(boxed_tree: Any, mesh: Mesh, rules=LOGICAL_AXIS_RULES) -> 
             mesh_axes = () if mesh_axes is None else (mesh_axes,) if isinstance(mesh_axes, str) else mesh_axes
             parts = int(np.prod([mesh.shape[a] for a in mesh_axes]))
             if size % parts:
-                raise ValueError(
-                    f"parameter {jax.tree_util.keystr(path)} of shape {shape}: its {name!r} axis ({size}) is "
-                    f"split over mesh axes {mesh_axes} ({parts} devices), which do not divide it; change "
-                    f"--config.mesh_shape or --config.axis_rules.{name}")
+                raise errors.ConfigError(
+                            f"parameter {jax.tree_util.keystr(path)} of shape {shape}: its {name!r} axis ({size}) is "
+                            f"split over mesh axes {mesh_axes} ({parts} devices), which do not divide it; change "
+                            f"--config.mesh_shape or --config.axis_rules.{name}")
     return shardings
 
 

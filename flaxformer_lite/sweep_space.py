@@ -32,6 +32,8 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from flaxformer_lite import errors
+
 Point = dict[str, Any]
 
 
@@ -183,16 +185,18 @@ def load_sweep(path: str, config_path: str | None = None) -> list[Point]:
     path = path or (config_path or "")
     file, _, arg = path.partition(":")
     if not file:
-        raise ValueError("no sweep: pass --sweep=FILE[:ARG] or give the config file a get_sweep()")
+        raise errors.ConfigError("no sweep: pass --sweep=FILE[:ARG] or give the config file a get_sweep()")
+    if not os.path.isfile(file):
+        raise errors.NotFoundError(f"sweep file {file} not found")
     spec = importlib.util.spec_from_file_location(f"_sweep_{abs(hash(file))}", os.path.abspath(file))
     if spec is None or spec.loader is None:
-        raise FileNotFoundError(f"cannot load sweep file {file}")
+        raise errors.NotFoundError(f"cannot load sweep file {file}")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     if not hasattr(module, "get_sweep"):
-        raise AttributeError(f"{file} has no get_sweep()")
+        raise errors.ConfigError(f"{file} has no get_sweep(): pass --sweep=FILE[:ARG], a file that defines one")
     points = module.get_sweep(arg) if arg else module.get_sweep()
     points = chain(points)
     if not points:
-        raise ValueError(f"{path}: get_sweep() returned no points")
+        raise errors.ConfigError(f"{path}: get_sweep() returned no points")
     return points

@@ -15,7 +15,7 @@ import json
 import signal
 import threading
 import time
-from typing import Iterator
+from typing import Callable, Iterator
 
 from absl import logging
 import jax
@@ -23,7 +23,7 @@ import ml_collections
 import numpy as np
 
 from flaxformer_lite import config as config_lib
-from flaxformer_lite import sharding, storage, train_step, translation
+from flaxformer_lite import errors, sharding, storage, train_step, translation
 from flaxformer_lite import run as run_lib
 from flaxformer_lite.checkpointing import CheckpointWriter
 from flaxformer_lite.data import pipeline
@@ -160,9 +160,9 @@ def _process_zero_first(fn, name: str):
 def _check_batch(config: ml_collections.ConfigDict, mesh) -> None:
     global_batch = config.data.batch_size * jax.process_count()
     if global_batch % sharding.data_parallel_size(mesh):
-        raise ValueError(f"config.data.batch_size={config.data.batch_size} x {jax.process_count()} processes "
-                         f"is not divisible by the {sharding.data_parallel_size(mesh)} data-parallel devices "
-                         f"of mesh {dict(mesh.shape)}")
+        raise errors.ConfigError(f"config.data.batch_size={config.data.batch_size} x {jax.process_count()} processes "
+                                 f"is not divisible by the {sharding.data_parallel_size(mesh)} data-parallel devices "
+                                 f"of mesh {dict(mesh.shape)}")
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict[str, float]:
@@ -227,6 +227,12 @@ def _train(config: ml_collections.ConfigDict, workdir, mesh) -> dict[str, float]
     last_metrics: dict[str, float] = {}
     step = start_step
     profiler = _Profiler(config_lib.profile_steps(config), run_dir.tensorboard)
+
+    def committed_checkpoint() -> int | None:
+        checkpoints.wait_until_finished()  # A background save of an earlier (finite) step counts.
+        return checkpoints.latest_step()
+
+    guard = _NonfiniteGuard(train_cfg.on_nonfinite, committed_checkpoint)
     try:
         while step < config.num_train_steps:
             profiler.before(step)
@@ -234,6 +240,7 @@ def _train(config: ml_collections.ConfigDict, workdir, mesh) -> dict[str, float]
             profiler.after(step + 1, metrics)
             progress.add(metrics)
             step += 1
+            guard.add(step, metrics)
             stop = stopping.check(step, progress.training_seconds())
             is_last = step == config.num_train_steps or stop is not None
             if step % config.metrics_every_steps == 0 or is_last or progress.seconds_since_log() >= \
@@ -242,7 +249,10 @@ def _train(config: ml_collections.ConfigDict, workdir, mesh) -> dict[str, float]
                 writer.write(step, last_metrics)
             with progress.paused():  # Evaluation and checkpointing don't count against training speed.
                 eval_metrics = {}
-                if step % config.eval_every_steps == 0 or (is_last and stop != "preempted"):
+                evaluate = step % config.eval_every_steps == 0 or (is_last and stop != "preempted")
+                if evaluate or checkpoints.should_save(step) or is_last:
+                    guard.check_all()  # Never evaluate or save parameters that a non-finite step made.
+                if evaluate:
                     eval_metrics = _eval_and_log(config, eval_fn, decode_fn, state.params, eval_data, decode_data,
                                              data, mesh, step)
                     writer.write(step, eval_metrics)
@@ -265,6 +275,46 @@ def _train(config: ml_collections.ConfigDict, workdir, mesh) -> dict[str, float]
         stopping.close()
     logging.info("Done: step %d in %s (this session %.0f s).", step, run_dir.root, progress.session_seconds())
     return {"step": step, **last_metrics}
+
+
+class TrainingDivergedError(RuntimeError):
+    """A step's loss or gradient norm was not finite, under ``TrainConfig.on_nonfinite="stop"``."""
+
+
+class _NonfiniteGuard:
+    """Finds the first step whose loss or gradient norm was not finite (the step's ``nonfinite`` metric).
+
+    Each step is checked once it has finished: two steps after it was dispatched (``_Progress.add`` has
+    waited for it by then), or all at once before the parameters are evaluated or saved. Every process
+    checks the same steps at the same points, so all of them stop together.
+    """
+
+    def __init__(self, policy: str, latest_checkpoint: Callable[[], int | None]):
+        self._stop, self._latest_checkpoint = policy == "stop", latest_checkpoint
+        self._unchecked: list[tuple[int, jax.Array]] = []
+
+    def add(self, step: int, metrics: dict) -> None:
+        if self._stop:
+            self._unchecked.append((step, metrics["nonfinite"]))
+            self._check(len(self._unchecked) - 2)
+
+    def check_all(self) -> None:
+        """Raises ``TrainingDivergedError`` if any step so far was not finite (waits for them to finish)."""
+        self._check(len(self._unchecked))
+
+    def _check(self, count: int) -> None:
+        if count <= 0:
+            return
+        checked, self._unchecked = self._unchecked[:count], self._unchecked[count:]
+        flags = jax.device_get([flag for _, flag in checked])
+        bad = [step for (step, _), flag in zip(checked, flags) if flag]
+        if bad:
+            latest = self._latest_checkpoint()
+            kept = "no checkpoint was saved" if latest is None else f"the latest checkpoint is still step {latest}"
+            raise TrainingDivergedError(
+                f"step {bad[0]}: the loss or the gradient norm is not finite, so training stopped ({kept}). "
+                "Lower --config.train.learning_rate, set --config.train.grad_clip_norm, or skip such steps "
+                "with --config.train.on_nonfinite=skip")
 
 
 class _Profiler:

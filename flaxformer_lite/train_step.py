@@ -25,6 +25,7 @@ from flaxformer_lite.transformer import Transformer
 
 _SCHEDULES = ("transformer", "rsqrt", "cosine", "constant")
 _OPTIMIZERS = ("adam", "adamw", "adafactor")
+_ON_NONFINITE = ("stop", "skip")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,7 +34,9 @@ class TrainConfig:
 
     optimizer: str = "adam"  # "adam" (paper), "adamw" or "adafactor".
     schedule: str = "transformer"  # "transformer" (paper), "rsqrt", "cosine" or "constant".
-    learning_rate: float = 1e-3  # Peak rate for rsqrt/cosine/constant; a multiplier for "transformer".
+    # The peak rate of rsqrt/cosine/constant (None: 1e-3); for "transformer", a multiplier of the paper's
+    # d_model^-0.5 * min(step^-0.5, step * warmup^-1.5) (None: 1, the paper's rate).
+    learning_rate: float | None = None
     warmup_steps: int = 4000  # Linear warm-up steps (paper: 4000).
     # Length of the schedule: the cosine decays to its end over it. 0 means ``config.num_train_steps``,
     # filled in by ``config.build('train', ...)``; set it to decay over another length.
@@ -46,19 +49,35 @@ class TrainConfig:
     label_smoothing: float = 0.1  # epsilon_ls of the paper (0.1).
     z_loss: float = 0.0  # Weight of log(Z)^2, which keeps the softmax normalizer near 1 (PaLM); 0 disables.
     microbatches: int = 1  # Gradient accumulation: split each batch into this many sequential parts.
+    # A step whose loss or gradient norm is not finite: "stop" ends the run with an error naming the step
+    # (the latest checkpoint stays the last one saved, from before it); "skip" leaves the parameters and
+    # optimizer state as they were and goes on with the next batch (counted in train/nonfinite).
+    on_nonfinite: str = "stop"
 
     def __post_init__(self):
+        def fail(field: str, message: str):
+            raise ValueError(f"TrainConfig.{field}: {message}, got {getattr(self, field)!r}")
+
         if self.schedule not in _SCHEDULES:
-            raise ValueError(f"TrainConfig.schedule: {self.schedule!r} is not one of {_SCHEDULES}")
+            fail("schedule", f"must be one of {_SCHEDULES}")
+        if self.learning_rate is None:  # Frozen: set the schedule's default the way dataclasses do.
+            object.__setattr__(self, "learning_rate", 1.0 if self.schedule == "transformer" else 1e-3)
         if self.optimizer not in _OPTIMIZERS:
-            raise ValueError(f"TrainConfig.optimizer: {self.optimizer!r} is not one of {_OPTIMIZERS}")
-        if not 0.0 <= self.label_smoothing < 1.0:
-            raise ValueError(f"TrainConfig.label_smoothing: must be in [0, 1), got {self.label_smoothing}")
+            fail("optimizer", f"must be one of {_OPTIMIZERS}")
+        if self.on_nonfinite not in _ON_NONFINITE:
+            fail("on_nonfinite", f"must be one of {_ON_NONFINITE}")
+        if not self.learning_rate > 0:  # Also refuses NaN.
+            fail("learning_rate", "must be > 0")
+        for name in ("label_smoothing", "adam_b1", "adam_b2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                fail(name, "must be in [0, 1)")
+        for name in ("adam_eps", "weight_decay", "z_loss", "warmup_steps", "total_steps"):
+            if not getattr(self, name) >= 0:
+                fail(name, "must be >= 0" + (" (0: num_train_steps)" if name == "total_steps" else ""))
+        if self.grad_clip_norm is not None and not self.grad_clip_norm > 0:
+            fail("grad_clip_norm", "must be > 0, or None for no clipping")
         if self.microbatches < 1:
-            raise ValueError(f"TrainConfig.microbatches: must be >= 1, got {self.microbatches}")
-        if self.warmup_steps < 0 or self.total_steps < 0:
-            raise ValueError("TrainConfig.warmup_steps and total_steps must be >= 0 (total_steps 0: "
-                             "num_train_steps)")
+            fail("microbatches", "must be >= 1")
 
 
 @flax.struct.dataclass
@@ -258,7 +277,12 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: Transfo
     grads = jax.tree_util.tree_map(lambda g: g / denominator, grads)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = dict(sums, grad_norm=optax.tree.norm(grads))
+    grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(sums["loss"]) & jnp.isfinite(grad_norm)
+    if cfg.on_nonfinite == "skip":  # Keep the state as it was; the step counter (and the data) move on.
+        params, opt_state = jax.tree_util.tree_map(lambda new, old: jnp.where(finite, new, old),
+                                                   (params, opt_state), (state.params, state.opt_state))
+    metrics = dict(sums, grad_norm=grad_norm, nonfinite=1.0 - finite.astype(jnp.float32))
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 

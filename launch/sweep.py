@@ -26,12 +26,12 @@ from __future__ import annotations
 import os
 import sys
 
-from absl import app, flags
+from absl import flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # Run from a checkout.
 
-from flaxformer_lite import sweep_runner  # noqa: E402
+from flaxformer_lite import errors, sweep_runner  # noqa: E402
 
 sweep_runner.define_flags(flags.FLAGS)
 
@@ -42,4 +42,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    errors.run(main)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import gc
 import logging
 import os
@@ -200,6 +201,24 @@ def test_restore_params_and_average(tmp_path):
         checkpointing.restore_params(tmp_path, abstract_params, "best")  # no best_metric
     with pytest.raises(ValueError, match=r"expected latest, best or one of \[1, 2, 3, 4\]"):
         checkpointing.restore_params(tmp_path, abstract_params, "12345")
+
+
+def test_average_last_leaves_out_an_old_best_checkpoint_kept_beside_the_recent_ones(tmp_path):
+    good, recent = make_state(seed=0), make_state(seed=1)
+    abstract_params = abstract(good.params, one_device)
+    with CheckpointWriter(tmp_path, save_interval_steps=1, max_to_keep=2, best_metric="bleu") as ckpt:
+        for step, state, bleu in [(1, good, 9.0), (2, recent, 1.0), (3, recent, 2.0), (4, recent, 3.0)]:
+            ckpt.save(step, state, metrics={"bleu": bleu})
+    assert ckpt.all_steps() == [1, 3, 4]  # The last two, and the best (1) kept beside them.
+    restore = functools.partial(checkpointing.restore_params, tmp_path, abstract_params, best_metric="bleu")
+    params, label = restore(average_last=3, keep_checkpoints=2)
+    assert label == "avg2-4"  # Steps 3 and 4 only: the recent series has two.
+    assert_trees_equal(params, recent.params)
+    _, label = restore(average_last=3)  # Without the run's keep_checkpoints every retained step counts.
+    assert label == "avg3-4"
+    params, label = restore("best", average_last=3, keep_checkpoints=2)
+    assert label == "best-avg1-1"
+    assert_trees_equal(params, good.params)
 
 
 def _truncate_data_files(step_dir):

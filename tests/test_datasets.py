@@ -292,3 +292,24 @@ def test_no_data_dir_means_the_tfds_default(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.split()[-1] == "4182"
     assert (tmp_path / "flaxformer_lite_scan" / "simple").is_dir()
+
+
+def test_processes_building_one_dataset_at_once_build_it_once(tmp_path):
+    """Three processes ask for the same unbuilt dataset together (as sweep workers on a fresh data_dir do): one
+    builds it, the others wait for it and read it. Without the lock in ``prepare_builder`` the same three
+    processes fail (checked by removing it: "FileExistsError: Cannot rename .../incomplete.* ... already
+    exists" in two of them)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from absl import logging; from flaxformer_lite.data import datasets; "
+            "logging.set_verbosity(logging.INFO); "
+            "print(len(datasets.load_split({'kind': 'scan', 'name': 'simple'}, 'test', sys.argv[1])))")
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    processes = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "data")], stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True, env=env) for _ in range(3)]
+    results = [(p.wait(timeout=300), *p.communicate()) for p in processes]
+    for returncode, out, err in results:
+        assert returncode == 0, err[-2000:]
+        assert out.split()[-1] == "4182"
+    assert sum("Building flaxformer_lite_scan" in err for _, _, err in results) == 1

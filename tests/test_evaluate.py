@@ -72,6 +72,28 @@ def test_translate_reads_flags_and_stdin(trained_run):
     assert piped.stdout.splitlines()[:2] == result.stdout.splitlines()
 
 
+@pytest.mark.parametrize("script, flags, message", [
+    ("evaluate.py", ["--workdir={empty}"], "error: {empty}/config.json not found: is {empty} the workdir of a "
+                                           "training run?"),
+    ("translate.py", ["--workdir={empty}", "--text=jump"], "error: {empty}/config.json not found"),
+    ("visualize.py", ["--workdir={empty}", "--text=jump"], "error: {empty}/config.json not found"),
+    ("visualize.py", ["--workdir={empty}", "--curves"], "error: {empty}/metrics.jsonl not found"),
+    ("evaluate.py", ["--workdir={run}", "--split=nosuchsplit"], "error: no split 'nosuchsplit' in "),
+    ("evaluate.py", ["--workdir={run}", "--checkpoint=12345"], "error: no checkpoint at step 12345: expected "
+                                                               "latest, best or one of [3, 6]"),
+    ("translate.py", ["--workdir={run}", "--checkpoint=12345", "--text=jump"], "error: no checkpoint at step 12345"),
+])
+def test_user_errors_are_one_line_and_exit_2(trained_run, tmp_path, script, flags, message):
+    empty = tmp_path / "not_a_run"
+    empty.mkdir()
+    fill = lambda text: text.format(empty=empty, run=trained_run)  # noqa: E731
+    result = run(script, *map(fill, flags))
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    (error,) = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert error.startswith(fill(message)), error
+
+
 def test_evaluate_restores_the_best_checkpoint(trained_run):
     result = run("evaluate.py", f"--workdir={trained_run}", "--split=test[:8]", "--checkpoint=best",
                  "--method=greedy", "--batch_size=8")

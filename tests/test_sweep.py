@@ -209,7 +209,7 @@ def test_tiny_sweep_reports_a_failed_point_and_reruns_nothing_finished(tmp_path,
     assert [r["status"] for r in rows] == ["finished"] * 3 + ["failed"]
     failed = rows[-1]
     assert failed["model.activation"] == "swish"
-    assert "TransformerConfig.activation: 'swish' is not one of" in failed["reason"]
+    assert "config.model.activation: 'swish' is not one of" in failed["reason"]
     for row in rows[:3]:
         assert row["steps"] == "2" and float(row["wall_s"]) > 0
         assert float(row["eval/loss (final)"]) > 0 and row["evaluate/bleu"] != ""

@@ -60,6 +60,14 @@ def test_paper_learning_rate_schedule():
     np.testing.assert_allclose(float(rsqrt(jnp.asarray(3999))), 1e-3, rtol=1e-6)
 
 
+def test_the_default_schedule_gives_the_papers_rate():
+    """Paper 5.3 with d_model 512 and 4000 warm-up steps peaks at 512^-0.5 * 4000^-0.5 = 7.0e-4 (not x 1e-3)."""
+    lr = train_step.learning_rate_schedule(train_step.TrainConfig(), d_model=512)
+    np.testing.assert_allclose(float(lr(jnp.asarray(3999))), 512 ** -0.5 * 4000 ** -0.5, rtol=1e-5)
+    assert train_step.TrainConfig(schedule="cosine").learning_rate == 1e-3  # A peak rate elsewhere.
+    assert train_step.TrainConfig(learning_rate=2.0).learning_rate == 2.0
+
+
 @pytest.mark.parametrize("optimizer", ["adam", "adafactor"])
 def test_gradient_accumulation_equals_the_full_batch(optimizer):
     full_cfg = train_step.TrainConfig(optimizer=optimizer, schedule="constant", learning_rate=1e-2,
@@ -114,13 +122,54 @@ def test_data_fsdp_tensor_meshes_train_like_one_device():
         jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-5), params, single_params)
 
 
-def test_bad_train_config_names_the_field():
-    with pytest.raises(ValueError, match="TrainConfig.schedule"):
-        train_step.TrainConfig(schedule="linear")
-    with pytest.raises(ValueError, match="TrainConfig.optimizer"):
-        train_step.TrainConfig(optimizer="sgd")
+@pytest.mark.parametrize("field, value, message", [
+    ("schedule", "linear", "must be one of"),
+    ("optimizer", "sgd", "must be one of"),
+    ("on_nonfinite", "ignore", "must be one of"),
+    ("learning_rate", -1.0, "must be > 0"),
+    ("learning_rate", 0.0, "must be > 0"),
+    ("learning_rate", float("nan"), "must be > 0"),
+    ("adam_b1", 1.0, r"must be in \[0, 1\)"),
+    ("adam_b2", -0.1, r"must be in \[0, 1\)"),
+    ("label_smoothing", 1.0, r"must be in \[0, 1\)"),
+    ("adam_eps", -1e-9, "must be >= 0"),
+    ("weight_decay", -0.1, "must be >= 0"),
+    ("warmup_steps", -1, "must be >= 0"),
+    ("grad_clip_norm", 0.0, "must be > 0, or None"),
+    ("microbatches", 0, "must be >= 1"),
+])
+def test_bad_train_config_names_the_field(field, value, message):
+    with pytest.raises(ValueError, match=f"TrainConfig.{field}: {message}.*, got"):
+        train_step.TrainConfig(**{field: value})
+
+
+def test_a_bad_mesh_shape_names_itself():
     with pytest.raises(ValueError, match="mesh_shape"):
         sharding.create_mesh((3, 1, 1))
+
+
+@pytest.mark.parametrize("policy", ["stop", "skip"])
+def test_a_nonfinite_step_is_flagged_and_skip_leaves_the_state_as_it_was(policy):
+    cfg = train_step.TrainConfig(schedule="constant", learning_rate=1e-2, on_nonfinite=policy)
+    mesh = sharding.create_mesh((1, 1, 1), jax.devices()[:1])
+    opt = train_step.make_optimizer(cfg, MODEL.config.d_model)
+    _, shardings = train_step.state_shardings(MODEL, opt, mesh)
+    train, _ = train_step.make_step_functions(MODEL, opt, cfg, mesh, shardings)
+    state = train_step.create_train_state(0, MODEL, opt, shardings)
+    state, metrics = train(state, make_batch(0))
+    assert float(metrics["nonfinite"]) == 0.0 and np.isfinite(float(metrics["loss"]))
+    # An infinite weight in the last layer's feed-forward makes the loss (and every gradient) NaN.
+    params = jax.tree_util.tree_map(np.array, jax.device_get(state.params))
+    params["decoder"]["layer_1"]["ffn"]["wo"]["kernel"][0, 0] = np.inf
+    before = jax.device_get(state.replace(params=params))
+    state, metrics = train(jax.device_put(before, shardings), make_batch(1))
+    assert float(metrics["nonfinite"]) == 1.0 and not np.isfinite(float(metrics["loss"]))
+    after = jax.device_get(state)
+    assert int(after.step) == int(before.step) + 1  # The data moves on either way.
+    same = jax.tree_util.tree_map(lambda a, b: np.array_equal(a, b, equal_nan=True),
+                                  (after.params, after.opt_state), (before.params, before.opt_state))
+    # Skipping keeps every parameter and optimizer moment; without it the NaN gradients reach them.
+    assert all(jax.tree_util.tree_leaves(same)) == (policy == "skip")
 
 
 _SHARDED_STEPS = """

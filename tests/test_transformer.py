@@ -223,6 +223,15 @@ def test_learned_positions_have_a_table():
     _, variables = init(cfg)
     table = variables["params"]["encoder"]["embedder"]["positions"]["pos_embedding"]
     assert table.value.shape == (16, cfg.d_model) and table.names == ("position", "embed")
+    model = Transformer(cfg)
+    params = nn.unbox(variables["params"])
+    fits = np.ones((2, 16), np.int32)
+    assert np.all(np.isfinite(model.apply({"params": params}, fits, fits)))
+    # One position more than the table: refused by name, where jnp.take would have given NaN logits.
+    too_long = np.ones((2, 17), np.int32)
+    for inputs, targets in ((too_long, fits), (fits, too_long)):
+        with pytest.raises(ValueError, match="17 positions does not fit the learned position table of 16 rows"):
+            model.apply({"params": params}, inputs, targets)
 
 
 @pytest.mark.parametrize("overrides, field", [

@@ -2,12 +2,14 @@
 
 import importlib.util
 import json
-import re
+import os
 import pathlib
+import re
 import types
 import warnings
 
 import jax
+import matplotlib
 from matplotlib import image as mpl_image
 import numpy as np
 import pytest
@@ -204,6 +206,28 @@ def test_font_family_for_cjk_labels(monkeypatch):
     plotting._warn_no_cjk_font.cache_clear()
     assert plotting.font_family(["我", "是"]) is None
     assert len(warned) == 1 and plotting.CJK_FONT_PACKAGE in warned[0]
+
+
+def test_a_placeholder_font_does_not_count_as_a_cjk_font(monkeypatch):
+    """matplotlib's "Last Resort" font maps every ideograph to one box glyph: with it (and DejaVu Sans) as the
+    only fonts, no CJK family is found, so the warning naming the package appears."""
+    from matplotlib import font_manager, ft2font
+
+    last_resort = os.path.join(matplotlib.get_data_path(), "fonts", "ttf", "LastResortHE-Regular.ttf")
+    if not os.path.exists(last_resort):
+        pytest.skip(f"this matplotlib ({matplotlib.__version__}) ships no Last Resort font")
+    charmap = ft2font.FT2Font(last_resort).get_charmap()
+    assert all(ord(c) in charmap for c in plotting._PROBE)  # It claims the ideographs...
+    assert not plotting._covers_cjk(last_resort)  # ...but has no glyph of their own for them.
+    only = [e for e in font_manager.fontManager.ttflist if e.name == "DejaVu Sans"]
+    only.append(font_manager.ttfFontProperty(ft2font.FT2Font(last_resort)))
+    monkeypatch.setattr(font_manager.fontManager, "ttflist", only)
+    monkeypatch.setattr(font_manager, "findSystemFonts", lambda *args, **kwargs: [])
+    plotting.cjk_font_family.cache_clear()
+    try:
+        assert plotting.cjk_font_family() is None
+    finally:
+        plotting.cjk_font_family.cache_clear()
 
 
 def test_cjk_labels_render_with_an_installed_font(tmp_path):

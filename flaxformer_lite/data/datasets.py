@@ -32,7 +32,9 @@ The entry points are ``load_split`` and ``get_splits``; ``prepare_builder`` give
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
+import contextlib
 import dataclasses
+import fcntl
 import gzip
 import hashlib
 import importlib
@@ -44,8 +46,10 @@ from typing import Any
 from absl import logging
 from etils import epath
 import tensorflow_datasets as tfds
+from tensorflow_datasets.core import constants as tfds_constants
 from tensorflow_datasets.core import utils as tfds_utils
 
+from flaxformer_lite import errors
 from flaxformer_lite.data import scan
 
 KINDS = ("scan", "local", "tfds")
@@ -61,7 +65,7 @@ Source = Sequence[dict[str, Any]]
 """A random-access source of examples ``{'inputs': str | bytes, 'targets': str | bytes}``."""
 
 
-class ParallelTextError(ValueError):
+class ParallelTextError(errors.UserError, ValueError):
     """A local parallel corpus cannot be built; the message names the file (and line) at fault."""
 
 
@@ -89,17 +93,17 @@ class DatasetConfig:
 
     def __post_init__(self):
         if self.kind not in KINDS:
-            raise ValueError(f"Unknown dataset kind {self.kind!r}; known: {', '.join(KINDS)}")
+            raise errors.ConfigError(f"Unknown dataset kind {self.kind!r}; known: {', '.join(KINDS)}")
         if self.kind == "scan" and self.name not in scan.SPLIT_NAMES:
-            raise ValueError(f"SCAN needs name = one of {', '.join(scan.SPLIT_NAMES)}; got {self.name!r}")
+            raise errors.ConfigError(f"SCAN needs name = one of {', '.join(scan.SPLIT_NAMES)}; got {self.name!r}")
         if self.kind == "local" and not (self.path and self.source_lang and self.target_lang):
-            raise ValueError(f"A local dataset needs path, source_lang and target_lang; got {self}")
+            raise errors.ConfigError(f"A local dataset needs path, source_lang and target_lang; got {self}")
         if self.kind == "local" and self.source_lang == self.target_lang:
-            raise ValueError(f"source_lang and target_lang are both {self.source_lang!r}")
+            raise errors.ConfigError(f"source_lang and target_lang are both {self.source_lang!r}")
         if self.kind == "tfds" and not self.name:
-            raise ValueError("A tfds dataset needs name, e.g. 'wmt14_translate/de-en'")
+            raise errors.ConfigError("A tfds dataset needs name, e.g. 'wmt14_translate/de-en'")
         if self.kind == "tfds" and bool(self.source_lang) != bool(self.target_lang):
-            raise ValueError(f"Give both source_lang and target_lang, or neither; got {self}")
+            raise errors.ConfigError(f"Give both source_lang and target_lang, or neither; got {self}")
 
     @classmethod
     def from_any(cls, dataset: DatasetConfig | Mapping[str, Any]) -> DatasetConfig:
@@ -109,7 +113,7 @@ class DatasetConfig:
         fields = dataset.to_dict() if hasattr(dataset, "to_dict") else dict(dataset)
         unknown = set(fields) - {field.name for field in dataclasses.fields(cls)}
         if unknown:
-            raise ValueError(f"Unknown dataset fields {sorted(unknown)} in {fields}")
+            raise errors.ConfigError(f"Unknown dataset fields {sorted(unknown)} in {fields}")
         return cls(**fields)
 
 
@@ -419,12 +423,12 @@ def _catalog_keys(builder: tfds.core.DatasetBuilder, dataset: DatasetConfig) -> 
         supervised = builder.info.supervised_keys
         is_pair = isinstance(supervised, tuple) and len(supervised) == 2
         if not (is_pair and all(isinstance(key, str) for key in supervised)):
-            raise ValueError(f"{dataset.name} has no (source, target) supervised keys; set source_lang and "
-                             f"target_lang to two of its features: {available}")
+            raise errors.ConfigError(f"{dataset.name} has no (source, target) supervised keys; set source_lang and "
+                                     f"target_lang to two of its features: {available}")
         keys = supervised
     for key in keys:
         if key not in available:
-            raise ValueError(f"{dataset.name} has no feature {key!r}; its features are {available}")
+            raise errors.ConfigError(f"{dataset.name} has no feature {key!r}; its features are {available}")
     return keys
 
 
@@ -440,6 +444,33 @@ def prepare_builder(dataset: DatasetLike, data_dir: PathLike | None) -> tfds.cor
     """
     dataset = DatasetConfig.from_any(dataset)
     data_dir = None if data_dir is None else os.fspath(data_dir)  # None: tfds's default (~/tensorflow_datasets).
+    with _one_builder_at_a_time(data_dir):
+        return _prepare_builder(dataset, data_dir)
+
+
+@contextlib.contextmanager
+def _one_builder_at_a_time(data_dir: str | None):
+    """An exclusive lock on a local ``data_dir`` while a builder is made and prepared.
+
+    Several processes on one machine (sweep workers, two runs started together) may ask for the same
+    dataset: the first builds it, the others wait, then find it built. tfds alone lets them all build and
+    the losers fail renaming their temporary folder. Remote data dirs (``gs://``) are not locked: there
+    several hosts of one run already build in turn (process 0 first).
+    """
+    root = data_dir or tfds_constants.DATA_DIR
+    if "://" in root:
+        yield
+        return
+    os.makedirs(root, exist_ok=True)
+    with open(os.path.join(root, ".flaxformer_lite_build.lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _prepare_builder(dataset: DatasetConfig, data_dir: str | None) -> tfds.core.DatasetBuilder:
     if dataset.kind == "scan":
         builder = ScanBuilder(config=dataset.name, data_dir=data_dir, file_format=_ARRAY_RECORD)
     elif dataset.kind == "local":
@@ -483,6 +514,11 @@ def load_split(dataset: DatasetLike, split: str, data_dir: PathLike | None) -> S
     builder = prepare_builder(dataset, data_dir)
     if dataset.kind == "local":
         _check_local_split(dataset, split, builder)
+    known = builder.info.splits  # Empty only for tfds' mock data (tests), which serves any split.
+    for name in re.findall(rf"({_SPLIT_NAME})(?:\[[^\]]*\])?", split):
+        if known and name not in known:
+            raise errors.NotFoundError(f"no split {name!r} in {builder.info.full_name}; its splits are "
+                                       f"{', '.join(sorted(builder.info.splits))}")
     return _as_source(builder, dataset, split)
 
 

@@ -59,6 +59,20 @@ class PipelineConfig:
     num_epochs: int | None = None  # Passes over the training split; None repeats forever.
     prefetch_buffer_size: int = 0  # Batches a background thread prepares ahead of the training loop; 0 = off.
 
+    def __post_init__(self):
+        def fail(field: str, message: str):
+            raise ValueError(f"PipelineConfig.{field}: {message}, got {getattr(self, field)!r}")
+
+        for name in ("batch_size", "max_inputs_length", "max_targets_length", "packing_bins_per_batch"):
+            if getattr(self, name) < 1:
+                fail(name, "must be >= 1")
+        if self.overlong not in ("filter", "truncate"):
+            fail("overlong", "must be 'filter' or 'truncate'")
+        if self.num_epochs is not None and self.num_epochs < 1:
+            fail("num_epochs", "must be >= 1, or None to repeat forever")
+        if self.prefetch_buffer_size < 0:
+            fail("prefetch_buffer_size", "must be >= 0 (0: off)")
+
 
 @dataclasses.dataclass(frozen=True)
 class LengthStats:

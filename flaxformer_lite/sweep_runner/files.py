@@ -40,10 +40,11 @@ def tail(path: str, lines: int = TAIL_LINES) -> list[str]:
 
 
 def failure_reason(tail_lines: list[str]) -> str:
-    """The most telling line of a failed run's log: the last exception-looking line, else the last line."""
+    """The most telling line of a failed run's log: the last exception-looking line (or a program's own
+    ``error: ...`` line), else the last line."""
     for line in reversed(tail_lines):
         stripped = line.strip()
         head = stripped.split(":", 1)[0]
-        if head.endswith(("Error", "Exception", "Exit", "Interrupt")) or stripped.startswith("FATAL"):
+        if head.endswith(("Error", "Exception", "Exit", "Interrupt")) or stripped.startswith(("FATAL", "error: ")):
             return stripped[:400]
     return tail_lines[-1].strip()[:400] if tail_lines else "no output"
