@@ -512,21 +512,19 @@ def load_split(dataset: DatasetLike, split: str, data_dir: PathLike | None) -> S
     """
     dataset = DatasetConfig.from_any(dataset)
     builder = prepare_builder(dataset, data_dir)
-    if dataset.kind == "local":
-        _check_local_split(dataset, split, builder)
-    known = builder.info.splits  # Empty only for tfds' mock data (tests), which serves any split.
-    for name in re.findall(rf"({_SPLIT_NAME})(?:\[[^\]]*\])?", split):
-        if known and name not in known:
-            raise errors.NotFoundError(f"no split {name!r} in {builder.info.full_name}; its splits are "
-                                       f"{', '.join(sorted(builder.info.splits))}")
+    _check_split(dataset, split, builder)
     return _as_source(builder, dataset, split)
 
 
-def _check_local_split(dataset: DatasetConfig, split: str, builder: tfds.core.DatasetBuilder) -> None:
-    """Names the files a missing local split would need, clearer than tfds' unknown-split error."""
+def _check_split(dataset: DatasetConfig, split: str, builder: tfds.core.DatasetBuilder) -> None:
+    """Names a missing split (for a local corpus, the files it would need), clearer than tfds' error."""
+    known = builder.info.splits  # Empty only for tfds' mock data (tests), which serves any split.
     for name in re.findall(rf"({_SPLIT_NAME})(?:\[[^\]]*\])?", split):
-        if name in builder.info.splits:
+        if not known or name in known:
             continue
+        if dataset.kind != "local":
+            raise errors.NotFoundError(f"no split {name!r} in {builder.info.full_name}; its splits are "
+                                       f"{', '.join(sorted(known))}")
         folder = epath.Path(dataset.path)
         missing = [_expected_names(name, lang) for lang in (dataset.source_lang, dataset.target_lang)
                    if not any((folder / f"{name}.{lang}{suffix}").exists() for suffix in ("", ".gz"))]
