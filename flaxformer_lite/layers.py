@@ -187,6 +187,9 @@ class DenseGeneral(nn.Module):
     # its output (the feed-forward block's second matrix) this lets XLA compute the weight gradient without
     # transposing the wide input, a cost on a CPU.
     kernel_out_first: bool = False
+    # Dtype of the result (default: ``dtype``); "float32" keeps the product's float32 accumulation, as the
+    # output logits need.
+    out_dtype: str | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -208,11 +211,12 @@ class DenseGeneral(nn.Module):
             kernel = param_with_axes(self, "kernel", init, (*in_shape, *self.features),
                                      (*self.in_axes, *self.out_axes), self.param_dtype)
             kernel_axes = contracted + out
-        y = policy_einsum(f"{batch}{contracted},{kernel_axes}->{batch}{out}", x, kernel, self.dtype)
+        y = policy_einsum(f"{batch}{contracted},{kernel_axes}->{batch}{out}", x, kernel, self.dtype,
+                          self.out_dtype)
         if self.use_bias:
             bias = param_with_axes(self, "bias", nn.initializers.zeros, self.features, self.out_axes,
                                    self.param_dtype)
-            y = y + bias.astype(self.dtype)
+            y = y + bias.astype(y.dtype)
         return y
 
 
@@ -272,9 +276,10 @@ class Embed(nn.Module):
         return x
 
     def attend(self, x: jax.Array) -> jax.Array:
-        """Logits ``x @ E^T`` over the (padded) table, ``[..., rows]``, in the compute dtype."""
+        """Logits ``x @ E^T`` over the (padded) table, ``[..., rows]``, in float32: the product runs in the
+        compute dtype, but its float32 accumulation is not rounded back to it, so the loss sees exact logits."""
         flat = x.reshape(-1, x.shape[-1])
-        logits = policy_einsum("nd,vd->nv", flat, self._table(), self.dtype)
+        logits = policy_einsum("nd,vd->nv", flat, self._table(), self.dtype, out_dtype="float32")
         return logits.reshape(*x.shape[:-1], self.embedding.shape[0])
 
 

@@ -348,7 +348,7 @@ class Decoder(nn.Module):
             logits = self.embed.attend(y)
         else:
             logits = DenseGeneral((cfg.padded_target_vocab_size,), ("embed",), ("vocab",), dtype=cfg.dtype,
-                                  param_dtype=cfg.param_dtype, name="logits")(y)
+                                  param_dtype=cfg.param_dtype, out_dtype="float32", name="logits")(y)
         logits = constrain(logits, "activation_batch", "activation_length", "activation_vocab")
         return mask_padded_logits(logits, cfg.target_vocab_size)
 

@@ -94,15 +94,24 @@ def test_user_errors_are_one_line_and_exit_2(trained_run, tmp_path, script, flag
     assert error.startswith(fill(message)), error
 
 
-def test_evaluate_restores_the_best_checkpoint(trained_run):
-    result = run("evaluate.py", f"--workdir={trained_run}", "--split=test[:8]", "--checkpoint=best",
+def test_evaluate_restores_the_best_checkpoint(trained_run, tmp_path):
+    """``--checkpoint=best`` takes the step with the best saved metric, here one that is not the latest.
+
+    A 6-step run scores 0 at both evaluations, so the copy's step-3 metrics (the file Orbax ranks by) are
+    raised above step 6's: evaluating the latest checkpoint instead would read ``best-6``.
+    """
+    workdir = tmp_path / "run"
+    shutil.copytree(trained_run, workdir)
+    metric = json.loads((workdir / "config.json").read_text())["checkpoint_best_metric"]
+    saved = {step: workdir / "checkpoints" / str(step) / "metrics" / "metrics" for step in (3, 6)}
+    values = {step: json.loads(path.read_text()) for step, path in saved.items()}
+    values[3][metric] = values[6][metric] + 1
+    saved[3].write_text(json.dumps(values[3]))
+    result = run("evaluate.py", f"--workdir={workdir}", "--split=test[:8]", "--checkpoint=best",
                  "--method=greedy", "--batch_size=8")
     assert result.returncode == 0, result.stderr[-3000:]
-    (report_path,) = (trained_run / "eval").glob("test[[]:8]-best-*-greedy.json")
-    step = int(json.loads(report_path.read_text())["checkpoint"].removeprefix("best-"))
-    records = [json.loads(line) for line in (trained_run / "metrics.jsonl").read_text().splitlines()]
-    scores = {r["step"]: r["eval/exact_match"] for r in records if "eval/exact_match" in r}
-    assert scores[step] == max(scores.values())  # The run's own metric (config.checkpoint_best_metric).
+    (report_path,) = (workdir / "eval").glob("test[[]:8]-best-*-greedy.json")
+    assert json.loads(report_path.read_text())["checkpoint"] == "best-3"
 
 
 def test_evaluate_again_compiles_nothing_new(trained_run):

@@ -223,6 +223,9 @@ def test_tiny_sweep_reports_a_failed_point_and_reruns_nothing_finished(tmp_path,
         assert (workdir / "checkpoints" / "2").is_dir() and list((workdir / "eval").glob("*.json"))
 
     logs = {r["name"]: (root / r["name"] / "train.log").read_text() for r in rows[:3]}
+    # Two workers started on a fresh data_dir: exactly one point built SCAN, the others read it (the build
+    # lock; tests/test_datasets.py shows three processes failing without it).
+    assert sum("Building flaxformer_lite_scan" in log for log in logs.values()) == 1
     again = run_sweep(root, data_dir)
     assert again.returncode == 0, again.stderr[-4000:]
     assert "3 finished, 1 failed (skipped 3 finished before" in again.stdout

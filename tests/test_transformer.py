@@ -146,6 +146,21 @@ def test_bfloat16_compute_stays_close_to_float32():
     assert 0 < error <= 0.03 * scale
 
 
+@pytest.mark.parametrize("logits_via_embedding", [True, False])
+def test_bfloat16_logits_keep_their_float32_accumulation(logits_via_embedding):
+    """The output product runs in bfloat16 but its result is not rounded to bfloat16 before the loss.
+
+    Rounded logits would all be bfloat16 values (8 significant bits); unrounded ones almost never are.
+    Checked to fail with the output product's ``out_dtype`` removed (every logit a bfloat16 value).
+    """
+    cfg = preset("tiny", dtype="bfloat16", logits_via_embedding=logits_via_embedding)
+    model, variables = init(cfg)
+    logits = np.asarray(model.apply(variables, INPUTS, TARGETS))[:, :, :cfg.target_vocab_size]
+    as_bfloat16 = np.asarray(jnp.asarray(logits).astype(jnp.bfloat16).astype(jnp.float32))
+    assert logits.dtype == np.float32
+    assert np.mean(logits != as_bfloat16) > 0.9
+
+
 def test_dropout_is_active_only_when_not_deterministic():
     model, variables = init(preset("tiny", dropout_rate=0.3, attention_dropout_rate=0.3, ffn_dropout_rate=0.3))
     eval_logits = model.apply(variables, INPUTS, TARGETS)
