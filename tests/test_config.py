@@ -145,3 +145,10 @@ def test_each_config_file_sets_what_it_did_and_nothing_else(name):
     changed = {key for key in values if values[key] != defaults[key]}
     assert changed <= set(expected), f"{name} also sets {sorted(changed - set(expected))}"
     assert config_lib.build("train", config).total_steps == expected["num_train_steps"]
+    if not name.startswith("benchmark.py"):  # The benchmark's configs have no dataset: it makes its batches.
+        config_lib.validate(config)  # What train.py checks before it writes anything.
+
+
+def test_every_config_file_is_checked_above():
+    files = {path.name for path in CONFIGS.glob("*.py")} - {"common.py"}
+    assert files == {name.split(":")[0] for name in EXPECTED}
