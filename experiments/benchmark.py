@@ -16,6 +16,11 @@ vocabulary, which training would take from its tokenizer.
   length, exactly ``--decode_length`` tokens each (the end-of-sentence token is disabled so that no row stops
   early, as in the PyTorch peer), as generated tokens/s (beam: tokens of the returned hypotheses).
 
+``--op_profile=N`` also traces each mode a few calls more and prints where its time goes: milliseconds per
+call by kind of HLO instruction (matmul, reduce, copy/transpose, elementwise...) and the N slowest
+instructions with their shapes and the JAX operations they came from (``flaxformer_lite/op_profile.py``);
+the JSON line gets ``op_ms_by_kind``.
+
 The peak is per device. ``--peak=measured`` (the default) times a ``--peak_size`` square ``jnp.dot`` on one device
 of the mesh, alone (for bfloat16 with float32 accumulation, the form the model uses); ``--peak=datasheet``
 takes the bfloat16 dense tensor-core peak of the GPU from ``DATASHEET_BF16_TFLOPS`` by its ``device_kind``
@@ -53,11 +58,13 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from flaxformer_lite import decoding, errors, flops, sharding, train_step  # noqa: E402
+from flaxformer_lite import decoding, errors, flops, op_profile, sharding, train_step  # noqa: E402
+from flaxformer_lite import backend  # noqa: E402
 from flaxformer_lite import config as config_lib  # noqa: E402
 from flaxformer_lite.transformer import Transformer  # noqa: E402
 
 config_lib.register_jax_flags()  # --jax_* flags (--jax_platforms=cpu, --jax_log_compiles, ...).
+backend.keep_host_memory_for_reuse()  # Before JAX starts its threads: see its docstring.
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "benchmark.py")
 _CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "Experiment config file [:variant].",
@@ -74,6 +81,8 @@ _PEAK = flags.DEFINE_enum("peak", "measured", ["measured", "datasheet"],
 _PEAK_GFLOPS = flags.DEFINE_float("peak_gflops", 0.0, "PER-DEVICE matmul peak in GFLOP/s for MFU (e.g. the GPU's "
                                   "bf16 dense datasheet peak); MFU divides by it x the mesh's devices. 0: --peak.")
 _PEAK_SIZE = flags.DEFINE_integer("peak_size", 2048, "Matrix size of the peak measurement.")
+_OP_PROFILE = flags.DEFINE_integer("op_profile", 0, "If > 0, also trace each mode and print the time of its HLO "
+                                   "instructions by kind and this many of the slowest (flaxformer_lite/op_profile.py).")
 _TAG = flags.DEFINE_string("tag", "", "Free-form label stored in the JSON lines.")
 _OUT = flags.DEFINE_string("out", None, "Append one JSON line per mode to this file.")
 
@@ -181,6 +190,11 @@ def bench_train(config, model: Transformer, mesh, peak_per_device: float) -> dic
         jax.block_until_ready(step(i + 1))
     counter = iter(range(10 ** 9))
     stats = _timings(_time_calls(lambda: step(next(counter)), _STEPS.value))
+    profiled = {}
+    if _OP_PROFILE.value:
+        with sharding.activation_rules(mesh, sharding.LOGICAL_AXIS_RULES):  # As make_step_functions traces.
+            hlo = jitted_step.__wrapped__.lower(state, batches[0]).compile().as_text()
+        profiled = _op_profile("train", lambda: step(next(counter)), hlo)
     step_flops = flops.training_flops(model.config, batch, s, t)  # The global batch, over all devices.
     num_devices = mesh.devices.size
     peak = peak_per_device * num_devices * 1e9  # FLOP/s of all the devices the step runs on.
@@ -191,7 +205,7 @@ def bench_train(config, model: Transformer, mesh, peak_per_device: float) -> dic
         train_gflop_per_step=step_flops / 1e9, achieved_gflops=step_flops / stats["median"] / 1e9,
         num_devices=num_devices, peak_gflops=peak / 1e9,
         mfu=step_flops / stats["median"] / peak,
-        mfu_min=step_flops / stats["max"] / peak, mfu_max=step_flops / stats["min"] / peak)
+        mfu_min=step_flops / stats["max"] / peak, mfu_max=step_flops / stats["min"] / peak, **profiled)
 
 
 def bench_decode(config, model: Transformer, method: str) -> dict:
@@ -210,12 +224,23 @@ def bench_decode(config, model: Transformer, method: str) -> dict:
     if not np.all(lengths == length):
         raise RuntimeError(f"expected {length} generated tokens per sentence, got lengths {sorted(set(lengths))}")
     stats = _timings(_time_calls(lambda: decode(params, inputs), _DECODE_REPS.value))
+    profiled = {}
+    if _OP_PROFILE.value:
+        hlo = decode.lower(params, inputs).compile().as_text()
+        profiled = _op_profile(method, lambda: decode(params, inputs), hlo)
     generated = rows * length
     return dict(decode_s=stats, compile_s=first_call - stats["median"], decode_batch=rows, decode_length=length,
                 num_devices=1,  # Unsharded: the jitted decode runs on the default device.
                 beam_size=_BEAM_SIZE.value if method == "beam" else 1,
                 tok_per_s=generated / stats["median"], tok_per_s_min=generated / stats["max"],
-                tok_per_s_max=generated / stats["min"])
+                tok_per_s_max=generated / stats["min"], **profiled)
+
+
+def _op_profile(mode: str, call, hlo_text: str) -> dict:
+    """Prints the instruction profile of ``call``; returns its milliseconds per call by kind for the JSON line."""
+    rows = op_profile.profile(call, hlo_text)
+    print(op_profile.format_profile(rows, _OP_PROFILE.value, f"{mode} profile"), flush=True)
+    return dict(op_ms_by_kind=op_profile.by_kind(rows))
 
 
 def main(argv):

@@ -13,11 +13,13 @@ from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # Run from a checkout.
 
+from flaxformer_lite import backend  # noqa: E402
 from flaxformer_lite import config as config_lib  # noqa: E402
 from flaxformer_lite import errors, sharding, storage, train_loop  # noqa: E402
 from flaxformer_lite import run as run_lib  # noqa: E402
 
 config_lib.register_jax_flags()  # --jax_* flags (--jax_platforms=cpu, --jax_log_compiles, ...).
+backend.keep_host_memory_for_reuse()  # Before JAX starts its threads: see its docstring.
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "scan.py")
 _CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "Experiment config file [:variant].",

@@ -31,10 +31,12 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # Run from a checkout.
 
+from flaxformer_lite import backend  # noqa: E402
 from flaxformer_lite import config as config_lib  # noqa: E402
 from flaxformer_lite import errors, plotting, storage  # noqa: E402
 
 config_lib.register_jax_flags()  # --jax_* flags (--jax_platforms=cpu, --jax_log_compiles, ...).
+backend.keep_host_memory_for_reuse()  # Before JAX starts its threads: see its docstring.
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory written by experiments/train.py.", required=True)
 _TEXT = flags.DEFINE_string("text", None, "Source sentence whose attention maps to draw.")

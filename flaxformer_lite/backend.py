@@ -10,7 +10,10 @@ GPUs where it supports the case, XLA's elsewhere). Everything here is decided wh
 
 from __future__ import annotations
 
+import ctypes
 import functools
+import os
+import platform
 
 from absl import logging
 import jax
@@ -61,6 +64,33 @@ def attention_implementation(requested: str, *, dtype, head_dim: int, needs_prob
             and head_dim % 8 == 0 and head_dim <= 128):
         return "cudnn"
     return "xla"
+
+
+# glibc's mallopt parameters.
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8
+
+
+def keep_host_memory_for_reuse() -> bool:
+    """Makes glibc's malloc keep freed memory for reuse: one arena, no mmap below 1 GiB, no trimming.
+
+    XLA's CPU runtime allocates the large buffers of every step anew; with glibc's defaults each one comes
+    back as fresh pages from the kernel, whose first-touch faults cost a fifth of a training step on a CPU
+    (``docs/performance.md``). The price is a resident size that stays at its peak. Call it at the start of
+    a process, before JAX starts its threads. Nothing happens off Linux/glibc, under another allocator
+    (``LD_PRELOAD``), when any ``MALLOC_*`` variable is set, or with ``FLAXFORMER_LITE_MALLOC=default``.
+    Returns whether it changed anything.
+    """
+    if (platform.system() != "Linux" or os.environ.get("FLAXFORMER_LITE_MALLOC") == "default"
+            or os.environ.get("LD_PRELOAD") or any(k.startswith("MALLOC_") for k in os.environ)):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # Not glibc (musl has no mallopt).
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return all([mallopt(_M_ARENA_MAX, 1), mallopt(_M_MMAP_THRESHOLD, 1 << 30),
+                mallopt(_M_TRIM_THRESHOLD, 2 ** 31 - 1)])
 
 
 @functools.lru_cache(maxsize=None)

@@ -72,6 +72,18 @@ def test_train_mfu_on_8_virtual_devices_divides_by_all_of_them(tmp_path):
     assert "x 8 = 400 for train" in stdout
 
 
+def test_op_profile_prints_where_each_mode_spends_its_time(tmp_path):
+    rows, stdout = _run(tmp_path, "--modes=train,greedy", "--config.data.batch_size=4", "--decode_reps=1",
+                        "--decode_batch=2", "--decode_length=4", f"--peak_gflops={PEAK_GFLOPS}", "--op_profile=3",
+                        devices=1)
+    for row in rows:
+        kinds = row["op_ms_by_kind"]
+        assert kinds["matmul"] > 0 and set(kinds) == {"matmul", "reduce-window", "reduce", "copy/transpose",
+                                                      "elementwise"}, kinds
+    assert "train profile: " in stdout and "greedy profile: " in stdout
+    assert "fwd Transformer" in stdout and "dot_general" in stdout  # Instructions named by their JAX source.
+
+
 @pytest.mark.filterwarnings("ignore:the load_module:DeprecationWarning")  # ml_collections' config loader.
 def test_peak_helpers():
     from absl import flags

@@ -169,3 +169,22 @@ def test_a_parameter_of_the_wrong_shape_is_an_error_that_names_it():
     wrong = {"params": {**plain["params"], "kernel": jnp.zeros((16, 9))}}
     with pytest.raises(ValueError, match=r"kernel has shape \(16, 9\); the model's config needs \(16, 8\)"):
         dense.apply(wrong, x)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_add_bias_gradients_are_autodiffs_with_the_bias_gradient_summed_in_float32(dtype):
+    y = jax.random.normal(jax.random.key(0), (3, 5, 16), dtype)
+    bias = jax.random.normal(jax.random.key(1), (16,), jnp.float32)
+    weights = jax.random.normal(jax.random.key(2), (3, 5, 16), dtype)
+    dy, dbias = jax.grad(lambda y, b: jnp.sum(layers.add_bias(y, b) * weights).astype(jnp.float32),
+                         argnums=(0, 1))(y, bias)
+    reference_dy = jax.grad(lambda y: jnp.sum((y + bias.astype(dtype)) * weights).astype(jnp.float32))(y)
+    assert layers.add_bias(y, bias).dtype == jnp.dtype(dtype) and dbias.dtype == jnp.float32
+    np.testing.assert_array_equal(np.asarray(dy, np.float32), np.asarray(reference_dy, np.float32))
+    # The bias gradient is the sum over tokens of the (compute-dtype) upstream gradient, taken in float32.
+    expected = np.asarray(weights, np.float64).sum((0, 1))
+    np.testing.assert_allclose(np.asarray(dbias), expected, rtol=1e-6, atol=1e-5)
+    sums = [e for e in jax.make_jaxpr(jax.grad(lambda b: jnp.sum(layers.add_bias(y, b) * weights)
+                                               .astype(jnp.float32)))(bias).jaxpr.eqns
+            if e.primitive.name == "reduce_sum" and e.params["axes"] == (0, 1)]
+    assert sums and all(e.invars[0].aval.dtype == jnp.float32 for e in sums), sums
