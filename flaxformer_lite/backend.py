@@ -74,7 +74,7 @@ def keep_host_memory_for_reuse() -> bool:
     """Makes glibc's malloc keep freed memory for reuse: one arena, no mmap below 1 GiB, no trimming.
 
     XLA's CPU runtime allocates the large buffers of every step anew; with glibc's defaults each one comes
-    back as fresh pages from the kernel, whose first-touch faults cost a fifth of a training step on a CPU
+    back as fresh pages from the kernel, whose first-touch faults are a large share of a training step on a CPU
     (``docs/performance.md``). The price is a resident size that stays at its peak. Call it at the start of
     a process, before JAX starts its threads. Nothing happens off Linux/glibc, under another allocator
     (``LD_PRELOAD``), when any ``MALLOC_*`` variable is set, or with ``FLAXFORMER_LITE_MALLOC=default``.

@@ -108,7 +108,7 @@ def kind_of(instruction: _Instruction, opcodes: dict[str, set[str]]) -> str:
 
 def shorten(source: str) -> str:
     """``op_name`` without the repeated prefixes: ``jit(train_step)/transpose(jvp(Transformer))/...`` reads
-    ``bwd/...``, the forward pass ``fwd/...``."""
+    ``bwd Transformer/...``, the forward pass ``fwd Transformer/...``."""
     source = re.sub(r"^jit\([^)]*\)/", "", source)
     source = re.sub(r"transpose\(jvp\((\w*)\)\)", r"bwd \1", source)
     return re.sub(r"jvp\((\w*)\)", r"fwd \1", source)
