@@ -25,7 +25,7 @@ from typing import Any, Callable
 import jax
 
 # The kinds an instruction is put in, by what its fused computation contains (the first match wins).
-KINDS = ("matmul", "reduce-window", "reduce", "copy/transpose", "elementwise", "loop")
+KINDS = ("matmul", "reduce-window", "reduce", "custom-call", "copy/transpose", "elementwise", "loop")
 _LOOPS = {"while", "conditional", "call"}
 _DATA_MOVEMENT = {"copy", "transpose", "bitcast", "parameter", "constant", "tuple", "get-tuple-element",
                   "reshape"}
@@ -78,14 +78,16 @@ def parse_hlo(hlo_text: str) -> tuple[str, dict[str, _Instruction], dict[str, se
 
 
 def _split_shape(text: str) -> tuple[str, str]:
-    """(the shape at the start of ``text`` without its layout, the rest); a tuple shape ``(...)`` whole."""
+    """(the shape at the start of ``text`` without layouts, the rest); a tuple shape ``(...)`` whole."""
     if text.startswith("("):
-        depth = 0
+        depth, end = 0, len(text)
         for i, char in enumerate(text):
             depth += {"(": 1, ")": -1}.get(char, 0)
             if depth == 0:
-                return text[:i + 1], text[i + 1:]
-        return text, ""
+                end = i + 1
+                break
+        shape, rest = text[:end], text[end:]
+        return re.sub(r"\{[^}]*\}|/\*[^*]*\*/", "", shape), rest
     shape, _, rest = text.partition(" ")
     return re.sub(r"\{[^}]*\}$", "", shape), rest
 
@@ -101,6 +103,8 @@ def kind_of(instruction: _Instruction, opcodes: dict[str, set[str]]) -> str:
         return "reduce-window"
     if "reduce" in inside:
         return "reduce"
+    if "custom-call" in inside:  # A library call such as top_k's.
+        return "custom-call"
     if inside - {"fusion"} <= _DATA_MOVEMENT:
         return "copy/transpose"
     return "elementwise"

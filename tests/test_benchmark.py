@@ -78,8 +78,8 @@ def test_op_profile_prints_where_each_mode_spends_its_time(tmp_path):
                         devices=1)
     for row in rows:
         kinds = row["op_ms_by_kind"]
-        assert kinds["matmul"] > 0 and set(kinds) == {"matmul", "reduce-window", "reduce", "copy/transpose",
-                                                      "elementwise"}, kinds
+        assert kinds["matmul"] > 0 and set(kinds) == {"matmul", "reduce-window", "reduce", "custom-call",
+                                                      "copy/transpose", "elementwise"}, kinds
     assert "train profile: " in stdout and "greedy profile: " in stdout
     assert "fwd Transformer" in stdout and "dot_general" in stdout  # Instructions named by their JAX source.
 

@@ -45,13 +45,16 @@ ENTRY %main (x: f32[4,4]) -> (f32[4,4], f32[4,4]) {
   %ynn_fusion = f32[4,4]{1,0} fusion(%x), kind=kCustom, calls=%fused_dot, metadata={op_name="jit(f)/jvp(M)/dot_general"}
   %copy_fusion = f32[4,4]{0,1} fusion(%ynn_fusion), kind=kLoop, calls=%fused_copy
   %exp = f32[4,4]{1,0} exponential(%x), metadata={op_name="jit(f)/transpose(jvp(M))/exp"}
+  %topk = (f32[4,2]{1,0}, s32[4,2]{1,0}) custom-call(%exp), custom_call_target="TopK"
   ROOT %w = (f32[4,4]{1,0}, /*index=1*/f32[4,4]{0,1}) tuple(%exp, %copy_fusion)
 }
 """
     module, instructions, opcodes = op_profile.parse_hlo(hlo)
     assert module == "jit_f"
-    kinds = {name: op_profile.kind_of(instructions[name], opcodes) for name in ("ynn_fusion", "copy_fusion", "exp")}
-    assert kinds == {"ynn_fusion": "matmul", "copy_fusion": "copy/transpose", "exp": "elementwise"}
-    assert instructions["w"].shape.startswith("(") and instructions["w"].opcode == "tuple"
+    kinds = {name: op_profile.kind_of(instructions[name], opcodes) for name in ("ynn_fusion", "copy_fusion", "exp", "topk")}
+    assert kinds == {"ynn_fusion": "matmul", "copy_fusion": "copy/transpose", "exp": "elementwise",
+                     "topk": "custom-call"}
+    assert instructions["w"].shape == "(f32[4,4], f32[4,4])" and instructions["w"].opcode == "tuple"
+    assert instructions["topk"].shape == "(f32[4,2], s32[4,2])"
     assert op_profile.shorten(instructions["ynn_fusion"].source) == "fwd M/dot_general"
     assert op_profile.shorten(instructions["exp"].source) == "bwd M/exp"
