@@ -79,17 +79,14 @@ def parse_hlo(hlo_text: str) -> tuple[str, dict[str, _Instruction], dict[str, se
 
 def _split_shape(text: str) -> tuple[str, str]:
     """(the shape at the start of ``text`` without layouts, the rest); a tuple shape ``(...)`` whole."""
+    end = text.find(" ") if " " in text else len(text)
     if text.startswith("("):
-        depth, end = 0, len(text)
-        for i, char in enumerate(text):
+        depth = 0
+        for end, char in enumerate(text, start=1):
             depth += {"(": 1, ")": -1}.get(char, 0)
             if depth == 0:
-                end = i + 1
                 break
-        shape, rest = text[:end], text[end:]
-        return re.sub(r"\{[^}]*\}|/\*[^*]*\*/", "", shape), rest
-    shape, _, rest = text.partition(" ")
-    return re.sub(r"\{[^}]*\}$", "", shape), rest
+    return re.sub(r"\{[^}]*\}|/\*.*?\*/", "", text[:end]), text[end:]
 
 
 def kind_of(instruction: _Instruction, opcodes: dict[str, set[str]]) -> str:

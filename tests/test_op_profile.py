@@ -51,7 +51,8 @@ ENTRY %main (x: f32[4,4]) -> (f32[4,4], f32[4,4]) {
 """
     module, instructions, opcodes = op_profile.parse_hlo(hlo)
     assert module == "jit_f"
-    kinds = {name: op_profile.kind_of(instructions[name], opcodes) for name in ("ynn_fusion", "copy_fusion", "exp", "topk")}
+    kinds = {name: op_profile.kind_of(instructions[name], opcodes)
+             for name in ("ynn_fusion", "copy_fusion", "exp", "topk")}
     assert kinds == {"ynn_fusion": "matmul", "copy_fusion": "copy/transpose", "exp": "elementwise",
                      "topk": "custom-call"}
     assert instructions["w"].shape == "(f32[4,4], f32[4,4])" and instructions["w"].opcode == "tuple"
