@@ -8,6 +8,7 @@ Every path goes through ``etils.epath``, so a local folder and ``gs://bucket/run
     metrics.jsonl      one JSON object per logged step (train and eval metrics)
     tensorboard/       TensorBoard event files of the same metrics
     compilation_cache/ compiled XLA programs (use_compilation_cache)
+    stopped.json       why the last training session ended: its step, and "num_train_steps" or "max_train_seconds"
     eval/              reports and hypotheses of evaluate.py
     visualize/         attention maps and curves of visualize.py
     train.lock         who is training in this directory now (RunLock)
@@ -51,6 +52,7 @@ class RunDir:
     vocab = property(lambda self: self.root / "vocab")
     checkpoints = property(lambda self: self.root / "checkpoints")
     metrics = property(lambda self: self.root / "metrics.jsonl")
+    stopped = property(lambda self: self.root / "stopped.json")
     tensorboard = property(lambda self: self.root / "tensorboard")
     compilation_cache = property(lambda self: self.root / "compilation_cache")
     eval = property(lambda self: self.root / "eval")
@@ -82,6 +84,18 @@ def use_compilation_cache(workdir) -> str:
 
 def save_config(workdir, config: ml_collections.ConfigDict) -> None:
     storage.write(RunDir.of(workdir).config, config_lib.to_json(config))
+
+
+def save_stopped(workdir, step: int, reason: str) -> None:
+    """Records that training ended at ``step`` for ``reason`` ("num_train_steps" or "max_train_seconds"), so a
+    sweep can tell a run that spent its time budget from one that was cut short."""
+    storage.write(RunDir.of(workdir).stopped, json.dumps({"step": step, "reason": reason}))
+
+
+def load_stopped(workdir) -> dict | None:
+    """What ``save_stopped`` recorded, or None when the last session was preempted, crashed or is running."""
+    path = RunDir.of(workdir).stopped
+    return json.loads(path.read_text()) if path.exists() else None
 
 
 def load_config(workdir) -> ml_collections.ConfigDict:

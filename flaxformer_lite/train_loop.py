@@ -184,6 +184,7 @@ def _train(config: ml_collections.ConfigDict, workdir, mesh) -> dict[str, float]
     config.train.update(dataclasses.asdict(train_cfg))  # config.json records the schedule length used.
     if jax.process_index() == 0:
         run_lib.save_config(workdir, config)
+        run_dir.stopped.unlink(missing_ok=True)  # Written again only if this session ends as planned.
 
     model = Transformer(data.model_config)
     optimizer = train_step.make_optimizer(train_cfg, data.model_config.d_model)
@@ -233,6 +234,7 @@ def _train(config: ml_collections.ConfigDict, workdir, mesh) -> dict[str, float]
         return checkpoints.latest_step()
 
     guard = _NonfiniteGuard(train_cfg.on_nonfinite, committed_checkpoint)
+    stop = None
     try:
         while step < config.num_train_steps:
             profiler.before(step)
@@ -273,6 +275,10 @@ def _train(config: ml_collections.ConfigDict, workdir, mesh) -> dict[str, float]
         checkpoints.close()
         writer.close()
         stopping.close()
+    reason = "num_train_steps" if step == config.num_train_steps else "max_train_seconds" if stop == "out_of_time" \
+        else None
+    if reason and jax.process_index() == 0:
+        run_lib.save_stopped(workdir, step, reason)
     logging.info("Done: step %d in %s (this session %.0f s).", step, run_dir.root, progress.session_seconds())
     return {"step": step, **last_metrics}
 

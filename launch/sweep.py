@@ -6,7 +6,7 @@
 Flags after ``--`` go to every ``train.py`` (common overrides); the sweep's own overrides follow them, so a
 point wins over a common flag. Each point trains in ``ROOT/<point name>/`` (a normal workdir, plus
 ``train.log``, ``eval.log`` and ``status.json``); ``--workers`` points run at a time. Rerunning the same command
-skips finished points (trained to ``num_train_steps`` and evaluated) and resumes the others from their latest
+skips finished points (trained to ``num_train_steps`` or to their time budget, and evaluated) and resumes the others from their latest
 checkpoint; a failing point is marked failed with the tail of its log and does not stop the rest.
 ``ROOT/results.csv``, ``ROOT/results.md`` (sorted by ``--metric``) and ``ROOT/results.png`` (the metric
 against each swept hyperparameter) are rewritten as points finish and at the end.

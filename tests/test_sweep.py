@@ -12,10 +12,11 @@ import pytest
 from absl import app, flags
 from ml_collections import config_flags  # noqa: F401
 
+from flaxformer_lite import run as run_lib
 from flaxformer_lite import sweep_space as space
-from flaxformer_lite import sweep_runner
+from flaxformer_lite import sweep_runner, train_loop
 from flaxformer_lite.sweep_runner import results, slurm
-from helpers import FAST, ROOT, TINY, script_env
+from helpers import FAST, ROOT, TINY, script_env, tiny_config
 
 SWEEP = ROOT / "launch" / "sweep.py"
 TINY_SWEEP = ROOT / "experiments" / "sweeps" / "tiny.py"
@@ -234,3 +235,21 @@ def test_tiny_sweep_reports_a_failed_point_and_reruns_nothing_finished(tmp_path,
         assert json.loads((root / name / "status.json").read_text())["attempts"] == 1
     failed_status = json.loads((root / failed["name"] / "status.json").read_text())
     assert failed_status["status"] == "failed" and failed_status["attempts"] == 2  # Failed points are retried.
+
+
+def test_a_point_that_spent_its_time_budget_is_trained(tmp_path, data_dir):
+    sweep = sweep_runner.Sweep(tmp_path / "sw", str(TINY), [{"seed": 1}], [], True, [], repo=str(ROOT))
+    workdir = pathlib.Path(sweep.workdir(0))
+    budget = dict(num_train_steps=1000, eval_every_steps=500, checkpoint_every_steps=500)
+    # The first step (which compiles) alone takes longer than the budget: the session stops after it.
+    train_loop.train_and_evaluate(tiny_config(data_dir, max_train_seconds=1e-3, **budget), str(workdir))
+    assert run_lib.load_stopped(workdir) == {"step": 1, "reason": "max_train_seconds"}
+    assert sweep.trained(0) and not sweep.finished(0)  # Trained; evaluate.py has not run on it yet.
+    (workdir / "checkpoints" / "1").rename(workdir / "moved")
+    assert not sweep.trained(0)  # The budget counts only with the checkpoint of the step it ran out at.
+    (workdir / "moved").rename(workdir / "checkpoints" / "1")
+
+    # A later session replaces the record: this one runs to num_train_steps.
+    train_loop.train_and_evaluate(tiny_config(data_dir, **{**budget, "num_train_steps": 3}), str(workdir))
+    assert run_lib.load_stopped(workdir) == {"step": 3, "reason": "num_train_steps"}
+    assert sweep.trained(0)

@@ -66,6 +66,7 @@ def test_time_budget_stops_training_with_a_checkpoint_and_an_evaluation(tmp_path
                     checkpoint_every_steps=500), str(workdir))
     assert result["step"] == 1 and "eval/loss" in result
     assert os.listdir(workdir / "checkpoints") == ["1"]
+    assert run_lib.load_stopped(workdir) == {"step": 1, "reason": "max_train_seconds"}
 
 
 def test_sigterm_saves_a_restorable_checkpoint_and_resume_continues(tmp_path, data_dir):

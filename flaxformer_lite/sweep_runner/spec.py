@@ -2,7 +2,7 @@
 
 The spec is saved once per launch, so that Slurm array tasks and ``--collect`` see exactly the points,
 flags and interpreter of the launch. A point's state is read from its workdir (trained: the checkpoint of
-``num_train_steps`` exists; evaluated: an ``eval/*.json`` report exists) plus its ``status.json``, which
+``num_train_steps`` exists, or ``stopped.json`` says the time budget ran out at a saved step; evaluated: an ``eval/*.json`` report exists) plus its ``status.json``, which
 records what the runner last did with it (running, finished, failed with a reason, interrupted, pending).
 """
 
@@ -66,7 +66,12 @@ class Sweep:
         config = files.read_json(str(run_dir.config))
         if not config:
             return False
-        return (run_dir.checkpoints / str(config["num_train_steps"])).is_dir()
+        if (run_dir.checkpoints / str(config["num_train_steps"])).is_dir():
+            return True
+        # A point with a time budget (--config.max_train_seconds) is trained once it has spent it.
+        stopped = files.read_json(str(run_dir.stopped))
+        return bool(stopped) and stopped.get("reason") == "max_train_seconds" and \
+            (run_dir.checkpoints / str(stopped["step"])).is_dir()
 
     def evaluated(self, index: int) -> bool:
         return bool(glob.glob(str(run_lib.RunDir.of(self.workdir(index)).eval / "*.json")))
