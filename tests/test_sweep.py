@@ -60,6 +60,9 @@ def test_flags_and_names():
     assert space.point_name({"a.x": 1, "b.x": 2}).startswith("a.x=1,b.x=2-")
     assert len(space.load_sweep(str(ROOT / "experiments" / "sweeps" / "multi30k.py"))) == 8
     assert len(space.load_sweep(str(ROOT / "experiments" / "sweeps" / "multi30k.py") + ":small")) == 4
+    assert space.load_sweep(str(ROOT / "experiments" / "sweeps" / "tatoeba_en_zh.py")) == [
+        {"train.learning_rate": 1e-3, "train.warmup_steps": 1000},
+        {"train.learning_rate": 2e-3, "train.warmup_steps": 500}]
 
 
 def test_old_module_name_is_the_same_module():
