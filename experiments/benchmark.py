@@ -32,8 +32,9 @@ ignores their contention: it overstates the combined peak, and MFU comes out low
 
 Each JSON line records ``peak_gflops_per_device``, ``num_devices``, ``peak_gflops`` (= their product, all
 devices of the row), ``peak_source`` (flag, measured or datasheet), the measured per-device peak when one was
-measured, and the host CPU's model and whether it has AMX / AVX-512 BF16 (``/proc/cpuinfo`` flags
-``amx_bf16``, ``avx512_bf16``); the table's header line repeats them. Peak memory is the process's RSS on a CPU
+measured, and the host CPU's model and whether it has AMX, AVX-512 BF16 and AVX-512 at all (``/proc/cpuinfo``
+flags ``amx_bf16``, ``avx512_bf16``, ``avx512f``: "AMD EPYC" names both AVX2-only and AVX-512 BF16 parts); the
+table's header line repeats them. Peak memory is the process's RSS on a CPU
 and the device's ``peak_bytes_in_use`` on an accelerator. Prints a table and, with ``--out``, appends one JSON
 line per mode. This machine is shared: compare implementations side by side, alternating, and quote medians.
 """
@@ -122,7 +123,7 @@ def datasheet_peak_gflops(device_kind: str) -> float:
 
 
 def cpu_info() -> dict:
-    """The host CPU's model and whether it has AMX / AVX-512 BF16 (None: unknown, no /proc/cpuinfo)."""
+    """The host CPU's model and whether it has AMX, AVX-512 BF16, AVX-512 (None: unknown, no /proc/cpuinfo)."""
     model, cpu_flags = platform.processor() or platform.machine(), None
     try:
         with open("/proc/cpuinfo") as f:
@@ -135,7 +136,8 @@ def cpu_info() -> dict:
     except OSError:
         pass
     has = (lambda flag: None) if cpu_flags is None else (lambda flag: flag in cpu_flags)
-    return dict(cpu_model=model, cpu_amx_bf16=has("amx_bf16"), cpu_avx512_bf16=has("avx512_bf16"))
+    return dict(cpu_model=model, cpu_amx_bf16=has("amx_bf16"), cpu_avx512_bf16=has("avx512_bf16"),
+                cpu_avx512f=has("avx512f"))
 
 
 def matmul_peak_gflops(dtype: str, size: int, reps: int = 10, device: jax.Device | None = None) -> float:
@@ -299,7 +301,7 @@ def format_header(row: dict) -> str:
     return (f"# {row['devices']} | mesh {mesh} | peak {row['peak_gflops_per_device']:,.0f} GFLOP/s per device "
             f"({row['peak_source']}) x {devices} = {row['peak_gflops_per_device'] * devices:,.0f} for train; "
             f"decoding on 1 | CPU {row['cpu_model']}, amx_bf16 {_yes_no(row['cpu_amx_bf16'])}, "
-            f"avx512_bf16 {_yes_no(row['cpu_avx512_bf16'])}")
+            f"avx512_bf16 {_yes_no(row['cpu_avx512_bf16'])}, avx512f {_yes_no(row.get('cpu_avx512f'))}")
 
 
 def format_table(rows: list[dict]) -> str:

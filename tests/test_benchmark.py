@@ -105,4 +105,4 @@ def test_peak_helpers():
 
     assert bench.matmul_peak_gflops("float32", 64, reps=2, device=jax.devices()[-1]) > 0
     info = bench.cpu_info()
-    assert set(info) == {"cpu_model", "cpu_amx_bf16", "cpu_avx512_bf16"} and info["cpu_model"]
+    assert set(info) == {"cpu_model", "cpu_amx_bf16", "cpu_avx512_bf16", "cpu_avx512f"} and info["cpu_model"]
