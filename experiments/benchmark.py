@@ -124,17 +124,7 @@ def datasheet_peak_gflops(device_kind: str) -> float:
 
 def cpu_info() -> dict:
     """The host CPU's model and whether it has AMX, AVX-512 BF16, AVX-512 (None: unknown, no /proc/cpuinfo)."""
-    model, cpu_flags = platform.processor() or platform.machine(), None
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                if key.strip() == "model name" and model != value.strip():
-                    model = value.strip()
-                elif key.strip() == "flags" and cpu_flags is None:
-                    cpu_flags = set(value.split())
-    except OSError:
-        pass
+    model, cpu_flags = backend.host_cpu()
     has = (lambda flag: None) if cpu_flags is None else (lambda flag: flag in cpu_flags)
     return dict(cpu_model=model, cpu_amx_bf16=has("amx_bf16"), cpu_avx512_bf16=has("avx512_bf16"),
                 cpu_avx512f=has("avx512f"))

@@ -66,6 +66,30 @@ def attention_implementation(requested: str, *, dtype, head_dim: int, needs_prob
     return "xla"
 
 
+@functools.lru_cache(maxsize=None)
+def host_cpu(cpuinfo: str = "/proc/cpuinfo") -> tuple[str, frozenset[str] | None]:
+    """The host CPU's model name and its x86 feature flags (None: unknown, e.g. not Linux or not x86)."""
+    model, flags = platform.processor() or platform.machine(), None
+    try:
+        with open(cpuinfo) as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and model != value.strip():
+                    model = value.strip()
+                elif key.strip() == "flags" and flags is None:
+                    flags = frozenset(value.split())
+    except OSError:
+        pass
+    return model, flags
+
+
+def emulated_bfloat16(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """Whether this is an x86 CPU with neither AVX-512 BF16 nor AMX, where bfloat16 products are emulated and
+    a bfloat16 model trains slower than a float32 one (``docs/performance.md``)."""
+    flags = host_cpu(cpuinfo)[1]
+    return is_cpu() and flags is not None and not flags & {"avx512_bf16", "amx_bf16"}
+
+
 # glibc's mallopt parameters.
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8
 

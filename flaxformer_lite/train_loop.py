@@ -19,11 +19,12 @@ from typing import Callable, Iterator
 
 from absl import logging
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
 from flaxformer_lite import config as config_lib
-from flaxformer_lite import errors, sharding, storage, train_step, translation
+from flaxformer_lite import backend, errors, sharding, storage, train_step, translation
 from flaxformer_lite import run as run_lib
 from flaxformer_lite.checkpointing import CheckpointWriter
 from flaxformer_lite.data import pipeline
@@ -187,6 +188,10 @@ def _train(config: ml_collections.ConfigDict, workdir, mesh) -> dict[str, float]
         run_dir.stopped.unlink(missing_ok=True)  # Written again only if this session ends as planned.
 
     model = Transformer(data.model_config)
+    if jnp.dtype(data.model_config.dtype) == jnp.bfloat16 and backend.emulated_bfloat16():
+        logging.warning("model.dtype=bfloat16 on a CPU without AVX-512 BF16 or AMX (no avx512_bf16 or amx_bf16 "
+                        "in /proc/cpuinfo): bfloat16 is emulated here and trains slower than float32; "
+                        "--config.model.dtype=float32 is faster on this machine")
     optimizer = train_step.make_optimizer(train_cfg, data.model_config.d_model)
     rules = config_lib.axis_rules(config)
     abstract_state, state_sharding = train_step.state_shardings(model, optimizer, mesh, rules=rules)

@@ -48,3 +48,22 @@ def test_freed_host_memory_is_reused_instead_of_faulted_in_again():
 def test_the_allocator_is_left_alone_when_the_user_chose_one(monkeypatch):
     monkeypatch.setenv("MALLOC_ARENA_MAX", "4")
     assert backend.keep_host_memory_for_reuse() is False
+
+
+def _cpuinfo(tmp_path, name: str, flags: str) -> str:
+    """A /proc/cpuinfo of two processors; only the first one's flags count."""
+    path = tmp_path / name
+    path.write_text(f"processor\t: 0\nmodel name\t: Test CPU 9000\nflags\t\t: fpu {flags}\n\n"
+                    "processor\t: 1\nmodel name\t: Test CPU 9000\nflags\t\t: fpu\n")
+    return str(path)
+
+
+def test_bfloat16_is_emulated_on_an_x86_cpu_without_avx512_bf16_or_amx(tmp_path):
+    avx2 = _cpuinfo(tmp_path, "avx2", "avx avx2")
+    assert backend.host_cpu(avx2) == ("Test CPU 9000", frozenset({"fpu", "avx", "avx2"}))
+    assert backend.is_cpu() and backend.emulated_bfloat16(avx2)
+    assert not backend.emulated_bfloat16(_cpuinfo(tmp_path, "avx512", "avx2 avx512f avx512_bf16"))
+    assert not backend.emulated_bfloat16(_cpuinfo(tmp_path, "amx", "avx2 amx_bf16 amx_tile"))
+    # No flags line (an ARM CPU lists "Features") or no file at all: unknown, so no claim.
+    assert backend.host_cpu(str(tmp_path / "missing"))[1] is None
+    assert not backend.emulated_bfloat16(str(tmp_path / "missing"))
