@@ -106,7 +106,7 @@ EXPECTED = {
     "multi30k.py:cs": {**_MULTI30K, "dataset.target_lang": "cs"},
     "tatoeba_en_zh.py": {**_SMALL_TRANSLATION, "dataset.path": "../shared/data/tatoeba_en_zh",
                          "dataset.target_lang": "zh", "eval_split": "dev", "decode_eval_examples": 1050,
-                         "max_train_seconds": 1200},
+                         "max_train_seconds": 1200, "train.learning_rate": 2e-3, "train.warmup_steps": 500},
     "wmt14_ende.py": {**_WMT14, **_PRESETS["base"], "model.dropout_rate": 0.1, "num_train_steps": 100_000,
                       "keep_checkpoints": 5},
     "wmt14_ende.py:big": {**_WMT14, **_PRESETS["big"], "model.dropout_rate": 0.3, "num_train_steps": 300_000,

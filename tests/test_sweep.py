@@ -62,7 +62,8 @@ def test_flags_and_names():
     assert len(space.load_sweep(str(ROOT / "experiments" / "sweeps" / "multi30k.py") + ":small")) == 4
     assert space.load_sweep(str(ROOT / "experiments" / "sweeps" / "tatoeba_en_zh.py")) == [
         {"train.learning_rate": 1e-3, "train.warmup_steps": 1000},
-        {"train.learning_rate": 2e-3, "train.warmup_steps": 500}]
+        {"train.learning_rate": 2e-3, "train.warmup_steps": 500},
+        {"train.learning_rate": 3e-3, "train.warmup_steps": 500}]
 
 
 def test_old_module_name_is_the_same_module():

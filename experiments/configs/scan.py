@@ -2,6 +2,9 @@
 
     python experiments/train.py --config=experiments/configs/scan.py[:simple|:length|:addprim_jump]
 
+Measured (``:simple``, the README's main job): 4,000 steps in about 15 minutes on a 2-core Intel Xeon with AMX;
+test exact match 100.00%, beam-4 BLEU 100.00 (2026-12-02, ``bac8b5e``).
+
 Variants pick the split: ``scan.py:simple`` (default, random 80/20), ``scan.py:length``,
 ``scan.py:addprim_jump``. SCAN has no validation split; evaluation uses its test split, as the benchmark does.
 """

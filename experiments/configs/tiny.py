@@ -1,4 +1,10 @@
-"""A short run for tests: the tiny model on SCAN, a few steps, everything logged and checkpointed."""
+"""A short run for tests: the tiny model on SCAN, a few steps, everything logged and checkpointed.
+
+    python experiments/train.py --config=experiments/configs/tiny.py --workdir=/tmp/tiny
+
+Measured: 40 s on a 2-core AMD EPYC, most of it compiling (2026-12-04); it checks that things run, not what
+they learn.
+"""
 
 from flaxformer_lite import config as config_lib
 

@@ -6,6 +6,8 @@ Paper (5.1-5.4): shared 37k BPE vocabulary, batches of ~25k source + 25k target 
 1e-9) with 4000 warm-up steps and the d_model^-0.5 schedule, label smoothing 0.1; base trains 100k steps,
 big 300k. The batch here is 768 rows of 64 packed tokens (~25k target tokens per side before padding):
 set ``mesh_shape`` and ``data.batch_size`` (rows per process) for your hardware.
+
+Measured: nothing yet; it is an accelerator recipe (days on a 2-core CPU), not run by this project so far.
 """
 
 from experiments.configs import common

@@ -11,6 +11,7 @@ from flaxformer_lite import sweep_space as space
 
 def get_sweep():
     return space.zip_(**{
-        "train.learning_rate": [1e-3, 2e-3],  # The config's own, then a faster one.
-        "train.warmup_steps": [1000, 500],
+        # The first point is the schedule of the other small configs; the config now has the second.
+        "train.learning_rate": [1e-3, 2e-3, 3e-3],
+        "train.warmup_steps": [1000, 500, 500],
     })
