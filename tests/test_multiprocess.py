@@ -138,7 +138,10 @@ def test_two_processes_of_four_devices_match_one_process_of_eight(tmp_path, data
 
     params, losses = reference_run(workdir, STEPS)
     np.testing.assert_allclose([r["train/loss"] for r in records if "train/loss" in r], losses, rtol=1e-5)
-    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
+    # Adam divides each gradient by its own RMS, so where a gradient is near zero a rounding difference in the
+    # all-reduced sum moves a parameter by a visible fraction of the step: 2.7e-5 on an AVX2-only CPU under
+    # jax 0.12. A sharding error moves them by the order of the learning rate (3e-3 a step).
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4),
                            saved_params(workdir, STEPS), params)
 
     # Evaluation by both processes (rows split over all 8 devices, one report by process 0) equals one
