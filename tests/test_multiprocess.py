@@ -94,7 +94,8 @@ def wait_for(condition, processes: Processes, timeout=240, what=""):
 
 
 def reference_run(workdir, steps):
-    """1 process x 8 devices fed, each step, the concatenation of the two processes' batches."""
+    """1 process x 8 devices fed, each step, the concatenation of the two processes' batches; returns the
+    initial and the final parameters and the losses."""
     config = run_lib.load_config(workdir)
     data = run_lib.prepare_data(config, workdir)  # Reads the vocabulary the 2-process run trained.
     model = Transformer(data.model_config)
@@ -105,6 +106,7 @@ def reference_run(workdir, steps):
     _, state_sharding = train_step.state_shardings(model, optimizer, mesh)
     train_fn, _ = train_step.make_step_functions(model, optimizer, train_cfg, mesh, state_sharding)
     state = train_step.create_train_state(config.seed, model, optimizer, state_sharding)
+    initial = jax.device_get(state.params)
     data_cfg = build("data", config)
     shards = [iter(pipeline.make_train_data(data.train_source, data.inputs_tokenizer, data.targets_tokenizer,
                                             data_cfg, process_index=i, process_count=2)) for i in range(2)]
@@ -114,7 +116,7 @@ def reference_run(workdir, steps):
         batch = {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
         state, metrics = train_fn(state, sharding.shard_batch(batch, mesh))
         losses.append(float(train_step.summarize(jax.device_get(metrics))["loss"]))
-    return jax.device_get(state.params), losses
+    return initial, jax.device_get(state.params), losses
 
 
 def test_two_processes_of_four_devices_match_one_process_of_eight(tmp_path, data_dir):
@@ -136,13 +138,17 @@ def test_two_processes_of_four_devices_match_one_process_of_eight(tmp_path, data
     assert finals[0].split("train/steps_per_sec")[0] == finals[1].split("train/steps_per_sec")[0]
     assert finals[0].split("eval/bleu=")[1].split()[0] == finals[1].split("eval/bleu=")[1].split()[0]
 
-    params, losses = reference_run(workdir, STEPS)
+    initial, params, losses = reference_run(workdir, STEPS)
     np.testing.assert_allclose([r["train/loss"] for r in records if "train/loss" in r], losses, rtol=1e-5)
-    # Adam divides each gradient by its own RMS, so where a gradient is near zero a rounding difference in the
-    # all-reduced sum moves a parameter by a visible fraction of the step: 2.7e-5 on an AVX2-only CPU under
-    # jax 0.12. A sharding error moves them by the order of the learning rate (3e-3 a step).
-    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4),
-                           saved_params(workdir, STEPS), params)
+    # The two runs' updates agree to 1% in norm, leaf by leaf. Not element by element: Adam divides each
+    # gradient by its own RMS, so where a gradient is near zero a rounding difference in the all-reduced sum
+    # moves that one parameter by a fraction of a step (2.7e-5, 1.2e-4 in two CI runs on an AVX2-only CPU,
+    # one element of 64 and of 2,048). A sharding error changes whole updates.
+    def check(saved, reference, start):
+        update = np.linalg.norm(reference - start)
+        assert np.linalg.norm(saved - reference) <= 1e-2 * update, (np.linalg.norm(saved - reference), update)
+
+    jax.tree_util.tree_map(check, saved_params(workdir, STEPS), params, initial)
 
     # Evaluation by both processes (rows split over all 8 devices, one report by process 0) equals one
     # process of 8 devices. (Not one device: after 3 steps many logits nearly tie, and other per-device
