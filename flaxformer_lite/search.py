@@ -263,6 +263,49 @@ def sample(step_fn: StepFn, cache: Any, max_lengths: jax.Array, max_decode_lengt
 # ---------------------------------------------------------------------------------------------------------
 # Beam search.
 # ---------------------------------------------------------------------------------------------------------
+def _block_size(vocab: int, largest: int = 128, smallest: int = 16) -> int:
+    """The largest power of two from ``smallest`` to ``largest`` that divides ``vocab`` (0: none does)."""
+    size = largest
+    while size >= smallest and vocab % size:
+        size //= 2
+    return size if size >= smallest and size < vocab else 0
+
+
+def best_extensions(logits: jax.Array, log_probs: jax.Array, count: int) -> tuple[jax.Array, jax.Array]:
+    """``jax.lax.top_k`` of ``log_probs[:, :, None] + log_softmax(logits)`` flattened to ``[b, k * V]`` (the
+    scores of every one-token extension of ``k`` beams) for ``logits [b, k, V]`` and ``log_probs [b, k]``:
+    ``(values [b, count], flat ids [b, count])``, ties to the lowest id, as ``top_k`` of the whole array.
+
+    A CPU's ``top_k`` of ``count`` among ``k * V`` costs a few times a pass over them, so it is taken by
+    blocks of vocabulary (a power of two dividing ``V``): the blocks holding the best ``count`` extensions
+    are among the ``count`` blocks of highest maximum (ties: lowest block), since every block above one of
+    them holds an extension that ranks above it; the result is the ``top_k`` of those blocks' extensions,
+    in their order in the whole array. Without such a block size it is ``top_k`` of the whole array.
+    """
+    batch, beams, vocab = logits.shape
+    log_probs = log_probs[:, :, None]
+    block = _block_size(vocab)
+    if not block or count * block >= beams * vocab:
+        # Written as jax.nn.log_softmax is, so the two branches round alike.
+        extensions = log_probs + jax.nn.log_softmax(logits, axis=-1)
+        return jax.lax.top_k(extensions.reshape(batch, beams * vocab), count)
+    blocks = logits.reshape(batch, beams * vocab // block, block)
+    block_max = jnp.max(blocks, axis=-1).reshape(batch, beams, vocab // block)
+    row_max = jnp.max(block_max, axis=-1, keepdims=True)  # [b, k, 1]: each beam's largest logit.
+    log_sum = jnp.log(jnp.sum(jnp.exp(logits - row_max), axis=-1, keepdims=True))
+    # The extension's score is increasing in its logit, so a block's best is the score of its max.
+    block_best = (log_probs + ((block_max - row_max) - log_sum)).reshape(batch, -1)
+    _, chosen = jax.lax.top_k(block_best, count)
+    chosen = jnp.sort(chosen, axis=-1)  # [b, count]: in the order of the whole array, for its ties.
+    beam = chosen // (vocab // block)
+    pick = lambda x: jnp.take_along_axis(x[:, :, 0], beam, axis=1)[:, :, None]  # noqa: E731  [b, count, 1]
+    candidates = pick(log_probs) + ((jnp.take_along_axis(blocks, chosen[:, :, None], axis=1) - pick(row_max))
+                                    - pick(log_sum))
+    values, picks = jax.lax.top_k(candidates.reshape(batch, count * block), count)
+    ids = jnp.take_along_axis(chosen, picks // block, axis=1) * block + picks % block
+    return values, ids
+
+
 def beam_search(step_fn: StepFn, cache: Any, max_lengths: jax.Array, max_decode_length: int, *,
                 beam_size: int = 4, alpha: float = 0.6, start_id: int = 0, eos_id: int = 1,
                 pad_id: int = 0, growth: Growth | None = None) -> Decoded:
@@ -314,8 +357,6 @@ def beam_search(step_fn: StepFn, cache: Any, max_lengths: jax.Array, max_decode_
         length = step + 1  # Length of every extension made at this step.
         logits, cache = step_fn(state["alive_last"].reshape(batch * k, 1), state["cache"])
         vocab = logits.shape[-1]
-        log_probs = jax.nn.log_softmax(logits.reshape(batch, k, vocab).astype(jnp.float32))
-        extensions = state["alive_log_probs"][:, :, None] + log_probs  # [b, k, V]
         at_limit = (length >= max_lengths)[:, None]  # [b, 1]
 
         def extend(flat_ids):  # Sequences of the extensions with flat ids (beam * V + token) [b, k].
@@ -327,8 +368,9 @@ def beam_search(step_fn: StepFn, cache: Any, max_lengths: jax.Array, max_decode_
         # One top-k for both sets: the 2k best extensions hold the k best and, since only k of all
         # extensions end in EOS (one per beam), also the k best that do not. (The barrier keeps XLA from
         # rewriting a top-k whose result is sliced into a sort of the whole [b, k * V] array, far slower.)
+        logits = logits.reshape(batch, k, vocab).astype(jnp.float32)
         candidate_log_probs, candidate_ids = jax.lax.optimization_barrier(
-            jax.lax.top_k(extensions.reshape(batch, k * vocab), min(2 * k, k * vocab)))
+            best_extensions(logits, state["alive_log_probs"], min(2 * k, k * vocab)))
 
         # 1. The beam: the k best extensions. Those ending in EOS, or all of them at the limit, finish.
         top_log_probs, top_ids = candidate_log_probs[:, :k], candidate_ids[:, :k]

@@ -413,6 +413,30 @@ def test_beam_search_cuts_hypotheses_at_the_limit():
 # ---------------------------------------------------------------------------------------------------------
 # Sampling.
 # ---------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("vocab", [256, 1024, 8192, 37])
+def test_best_extensions_by_vocabulary_blocks_are_top_k_of_the_whole_array(vocab):
+    """Beam search's top-k taken by blocks of vocabulary gives top_k's values and ids, ties (lowest id
+    first) and -inf beams (the unused beams of step 0, done sentences) included; 37 has no block size."""
+    assert search._block_size(vocab) == {256: 128, 1024: 128, 8192: 128, 37: 0}[vocab]
+    rng = np.random.default_rng(vocab)
+    spike = np.zeros((3, 4, vocab))
+    spike[:, :, -1] = 1.0  # The last block ranks first, and the ties after it are in the first blocks.
+    for kind in ("normal", "ties", "spike"):
+        for beams, count in ((1, 1), (4, 8), (2, 3)):
+            shape = (3, beams, vocab)
+            logits = {"normal": rng.standard_normal(shape), "ties": rng.integers(-2, 2, shape),
+                      "spike": spike[:, :beams]}[kind]
+            log_probs = rng.standard_normal((3, beams))
+            log_probs[1, 1:] = -np.inf  # Only the first beam counts (step 0).
+            log_probs[2] = -np.inf  # A done sentence.
+            logits, log_probs = jnp.asarray(logits, jnp.float32), jnp.asarray(log_probs, jnp.float32)
+            whole = (log_probs[:, :, None] + jax.nn.log_softmax(logits)).reshape(3, beams * vocab)
+            want_values, want_ids = jax.lax.top_k(whole, count)
+            values, ids = search.best_extensions(logits, log_probs, count)
+            np.testing.assert_array_equal(ids, want_ids, err_msg=f"{kind}, {beams} beams, top {count}")
+            np.testing.assert_allclose(values, want_values, rtol=1e-6)
+
+
 def test_top_k_1_sampling_is_greedy():
     result = decode(method="sample", rng=jax.random.key(7), top_k=1)
     np.testing.assert_array_equal(result.tokens, greedy_batch().tokens)
