@@ -139,6 +139,25 @@ def dot_product_attention(
     return (output, weights) if return_weights else output
 
 
+def grouped_step_attention(query: jax.Array, key: jax.Array, value: jax.Array,
+                           mask: jax.Array | None) -> jax.Array:
+    """Attention of ``query [g * n, q, h, d]`` over heads-first ``key/value [n, h, s, d]`` shared by ``g``
+    consecutive query rows (the beams of a sentence over its encoder keys/values), under a mask of ``n``
+    rows: each key is read once per sentence, by one matrix product of the ``g * q`` queries, not once per
+    beam. Float32 products and softmax, no dropout (decoding)."""
+    rows, length, heads, depth = query.shape
+    batch = key.shape[0]
+    if rows % batch:
+        raise ValueError(f"{rows} query rows are not a multiple of the {batch} rows of the keys/values")
+    query = jnp.swapaxes(query.reshape(batch, rows // batch * length, heads, depth), 1, 2)  # [n, h, gq, d]
+    query = query.astype(jnp.float32) / math.sqrt(depth)
+    logits = einsum("bhqd,bhkd->bhqk", query, key.astype(jnp.float32))
+    if mask is not None:
+        logits = jnp.where(mask, logits, _MASKED_LOGIT)
+    output = einsum("bhqk,bhkd->bhqd", jax.nn.softmax(logits, axis=-1), value.astype(jnp.float32))
+    return jnp.swapaxes(output, 1, 2).reshape(rows, length, heads, depth).astype(value.dtype)
+
+
 class Mode(enum.Enum):
     """What a :class:`MultiHeadAttention` call does (``mode=``); each mode takes the inputs it names.
 
@@ -181,7 +200,8 @@ class MultiHeadAttention(nn.Module):
       on a full-length input under ``jax.eval_shape`` and fills the cache with zeros).
     * ``cross_kv`` (``Mode.PROJECT_CROSS_KV`` writes it, ``Mode.CROSS_STEP`` reads it): the encoder-decoder
       attention's ``key``/``value`` ``[b, h, s, d]``, projected from the encoder output once per sentence,
-      since it is the same at every step.
+      since it is the same at every step. A ``CROSS_STEP`` query may have ``g * b`` rows, the ``g`` beams
+      of each sentence in a row, which then share its keys/values and mask (:func:`grouped_step_attention`).
     """
 
     num_heads: int  # Number of attention heads h.
@@ -239,7 +259,9 @@ class MultiHeadAttention(nn.Module):
         implementation = backend.attention_implementation(
             self.implementation, dtype=query.dtype, head_dim=self.head_dim,
             needs_probabilities=dropout_rng is not None or self.is_mutable_collection("intermediates"))
-        if implementation != "einsum" and not heads_first:
+        if mode is Mode.CROSS_STEP and query.shape[0] != key.shape[0]:
+            output = grouped_step_attention(query, key, value, mask)
+        elif implementation != "einsum" and not heads_first:
             output = fused_attention(query, key, value, mask, implementation)
         else:
             output, weights = dot_product_attention(

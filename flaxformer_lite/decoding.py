@@ -117,7 +117,8 @@ def grow_cache(cache: Any, length: int) -> Any:
 def decode_step(model: Transformer, variables: Any, cross_kv: Any, inputs: jax.Array, tokens: jax.Array,
                 cache: Any) -> tuple[jax.Array, Any]:
     """One decoding step of ``tokens [n, 1]``: logits ``[n, V]`` and the new self-attention cache.
-    ``cross_kv`` is read, never changed; ``inputs [n, s]`` (the sources) give its padding mask."""
+    ``cross_kv`` is read, never changed; ``inputs`` (the sources, as many rows as the ``cross_kv``: ``n``, or
+    ``n / g`` for ``g`` beams per sentence) give its padding mask."""
     logits, mutated = model.apply({**_model_variables(variables), "cache": cache, "cross_kv": cross_kv}, inputs,
                                   tokens, method=Transformer.decode_step, mutable=["cache"])
     return logits[:, -1], mutated["cache"]
@@ -155,7 +156,8 @@ def decode_batch(model: Transformer, variables: Any, inputs: jax.Array, options:
     ``tokens [b, width]``.
 
     Beam search and sampling close their step over the ``cross_kv`` (and the sources), so the search carries,
-    and beam search reorders, only the self-attention cache. Greedy search that drops finished rows carries
+    and beam search reorders, only the self-attention cache; under beam search they keep one row per
+    sentence, which all its beams read. Greedy search that drops finished rows carries
     them with the rows instead, since they are dropped with them.
 
     Jit it by closing over the static arguments, e.g.
@@ -193,8 +195,8 @@ def decode_batch(model: Transformer, variables: Any, inputs: jax.Array, options:
         return search.greedy(carried_step, carried, max_lengths, width, growth=carried_growth,
                              drop_rows=drop_rows, **common)
 
-    if options.method == "beam":
-        cache, cross_kv, inputs = search.tile_beams((cache, cross_kv, inputs), options.beam_size)
+    if options.method == "beam":  # Only the cache: the beams of a sentence share its cross_kv and mask.
+        cache = search.tile_beams(cache, options.beam_size)
 
     def step(tokens, cache):  # Closes over cross_kv: reordering it with the beams at every step is costly.
         return decode_step(model, variables, cross_kv, inputs, tokens, cache)

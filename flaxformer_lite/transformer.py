@@ -392,8 +392,9 @@ class Transformer(nn.Module):
 
         Reads the encoder-decoder keys/values from the ``cross_kv`` collection (see
         :meth:`project_cross_kv`) and appends to the self-attention keys/values in the ``cache`` collection,
-        which must be mutable (see ``attention.MultiHeadAttention``). ``inputs`` (the sources ``[b, s]``)
-        give the padding mask of the encoder-decoder attention.
+        which must be mutable (see ``attention.MultiHeadAttention``). ``inputs`` (the sources ``[b, s]``, or
+        ``[b / g, s]`` with a ``cross_kv`` of one row per sentence for its ``g`` beams) give the padding mask
+        of the encoder-decoder attention.
         """
         return self.decoder(None, inputs, tokens, mode=DecoderMode.STEP)
 

@@ -137,6 +137,30 @@ def test_cross_attention_modes_project_once_then_attend_as_the_full_mode():
     np.testing.assert_allclose(step, mha.apply(variables, x, memory, mask), atol=1e-5)
 
 
+def test_cross_step_with_beams_reads_one_sentence_row_as_its_tiled_copies():
+    """CROSS_STEP queries of 3 beams per sentence over the sentences' own keys/values and mask attend as
+    over copies tiled for every beam (what beam search did before), and a row count that is no multiple
+    of the sentences' is refused."""
+    rng, x, memory = _mha_inputs()
+    mha = attention.MultiHeadAttention(num_heads=4, head_dim=4)
+    mask = attention.padding_mask(np.ones((2, 1), np.int32), random_tokens(rng, [7, 3], 7))
+    variables = mha.init(jax.random.key(0), x, memory, mask)
+    _, stored = mha.apply(variables, None, memory, mode=attention.Mode.PROJECT_CROSS_KV, mutable=["cross_kv"])
+    beams = jnp.asarray(rng.normal(size=(6, 1, x.shape[-1])), jnp.float32)  # Rows 0-2: sentence 0; 3-5: 1.
+    shared = mha.apply({**variables, **stored}, beams, None, mask, mode=attention.Mode.CROSS_STEP)
+    tiled_kv = jax.tree_util.tree_map(lambda a: jnp.repeat(a, 3, axis=0), stored)
+    tiled = mha.apply({**variables, **tiled_kv}, beams, None, jnp.repeat(mask, 3, axis=0),
+                      mode=attention.Mode.CROSS_STEP)
+    assert shared.shape == (6, 1, x.shape[-1])
+    np.testing.assert_allclose(shared, tiled, atol=1e-6)
+    # Each sentence's beams read that sentence: swapping the sentences' keys/values changes their output.
+    swapped = jax.tree_util.tree_map(lambda a: a[::-1], stored)
+    other = mha.apply({**variables, **swapped}, beams, None, mask[::-1], mode=attention.Mode.CROSS_STEP)
+    assert not np.allclose(other, shared, atol=1e-3)
+    with pytest.raises(ValueError, match="not a multiple"):
+        mha.apply({**variables, **stored}, beams[:5], None, mask, mode=attention.Mode.CROSS_STEP)
+
+
 @pytest.mark.parametrize("mode, inputs_q, inputs_kv, message", [
     (attention.Mode.FULL, True, False, "FULL needs inputs_kv"),
     (attention.Mode.SELF_STEP, True, True, "SELF_STEP takes no inputs_kv"),

@@ -157,18 +157,19 @@ def test_cross_attention_keys_values_are_projected_once_per_sentence():
     assert "cross_attention" not in cache["decoder"]["layer_0"]
     assert set(cross_kv["decoder"]["layer_0"]["cross_attention"]) == {"key", "value"}
 
-    # End to end: decode_batch's loop body attends to the cached keys/values but projects nothing, and beam
-    # search projects them for the b sentences, before tiling them to b * beam_size rows.
-    for method, rows in (("greedy", batch), ("beam", batch * 3)):
+    # End to end: decode_batch's loop body attends to the cached keys/values but projects nothing. Beam
+    # search projects them for the b sentences and its b * beam_size rows read them there, never tiled.
+    for method in ("greedy", "beam"):
         run = functools.partial(decoding.decode_batch, model, options=options(method))
         jaxpr = jax.make_jaxpr(run)(variables, INPUTS).jaxpr
         (body,) = list(while_bodies(jaxpr))
-        cached = (rows, cfg.num_heads, source_length, cfg.attention_head_dim)
+        cached = (batch, cfg.num_heads, source_length, cfg.attention_head_dim)
         assert count_dot_generals_reading(body, cached) == 2 * layers  # Attention (logits, values)...
-        assert count_dot_generals(body, projected(rows)) == 0  # ...to keys/values projected elsewhere:
+        assert count_dot_generals(body, projected(batch)) == 0  # ...to keys/values projected elsewhere:
         # once, for the b sentences: Q, K, V in each encoder layer, then K, V in each decoder layer.
         assert count_dot_generals(jaxpr, projected(batch)) == 3 * cfg.num_encoder_layers + 2 * layers
-        assert rows == batch or count_dot_generals(jaxpr, projected(rows)) == 0
+        tiled = (batch * 3,) + cached[1:]
+        assert count_dot_generals_reading(body, tiled) == 0 and count_dot_generals(jaxpr, projected(batch * 3)) == 0
 
     # And the results are unchanged: steps on the cache reproduce the teacher-forced logits.
     targets = np.array([[11, 12, 13, 1, 0], [14, 1, 0, 0, 0], [5, 6, 7, 8, 1], [9, 10, 1, 0, 0]], np.int32)
