@@ -7,7 +7,7 @@
 
 Measured (``small``, float32, the three modes in under 3 minutes on a 2-core CPU): train / greedy / beam-4 target
 tokens/s 1,857 / 2,905 / 800 on an AVX2-only AMD EPYC, 1.74x / 1.32x / 1.08x the PyTorch peer (2026-12-04,
-``a9dcfcc``); ``docs/performance.md`` has the other CPUs.
+``a9dcfcc``); beam 4 at 1.21-1.42x the peer after ``2043c77`` there; ``docs/performance.md`` has the other CPUs.
 ``small``: shared vocabulary 8192, d_model 256, 4 heads, d_ff 1024, 3 + 3 layers, 32 pairs x (64 + 64) tokens.
 ``base``: the paper's base model with a 32,000 vocabulary, 16 pairs x (64 + 64) tokens (the peer's shape).
 ``base_gpu``: ``base`` with 128 pairs x (64 + 64) tokens, a batch sized for one H100 / H200 in bfloat16.
