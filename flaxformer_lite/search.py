@@ -286,14 +286,14 @@ def best_extensions(logits: jax.Array, log_probs: jax.Array, count: int) -> tupl
     log_probs = log_probs[:, :, None]
     block = _block_size(vocab)
     if not block or count * block >= beams * vocab:
-        # Written as jax.nn.log_softmax is, so the two branches round alike.
         extensions = log_probs + jax.nn.log_softmax(logits, axis=-1)
         return jax.lax.top_k(extensions.reshape(batch, beams * vocab), count)
     blocks = logits.reshape(batch, beams * vocab // block, block)
     block_max = jnp.max(blocks, axis=-1).reshape(batch, beams, vocab // block)
     row_max = jnp.max(block_max, axis=-1, keepdims=True)  # [b, k, 1]: each beam's largest logit.
     log_sum = jnp.log(jnp.sum(jnp.exp(logits - row_max), axis=-1, keepdims=True))
-    # The extension's score is increasing in its logit, so a block's best is the score of its max.
+    # Scores as jax.nn.log_softmax rounds them, (logit - max) - log_sum; increasing in the logit, so a
+    # block's best is the score of its max.
     block_best = (log_probs + ((block_max - row_max) - log_sum)).reshape(batch, -1)
     _, chosen = jax.lax.top_k(block_best, count)
     chosen = jnp.sort(chosen, axis=-1)  # [b, count]: in the order of the whole array, for its ties.
