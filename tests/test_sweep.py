@@ -60,6 +60,8 @@ def test_flags_and_names():
     assert space.point_name({"a.x": 1, "b.x": 2}).startswith("a.x=1,b.x=2-")
     assert len(space.load_sweep(str(ROOT / "experiments" / "sweeps" / "multi30k.py"))) == 8
     assert len(space.load_sweep(str(ROOT / "experiments" / "sweeps" / "multi30k.py") + ":small")) == 4
+    cpu = space.load_sweep(str(ROOT / "experiments" / "sweeps" / "multi30k.py") + ":cpu")
+    assert len(cpu) == 5 and cpu[0] == {} and all(p["train.learning_rate"] == 2e-3 for p in cpu[1:])
     assert space.load_sweep(str(ROOT / "experiments" / "sweeps" / "tatoeba_en_zh.py")) == [
         {"train.learning_rate": 1e-3, "train.warmup_steps": 1000},
         {"train.learning_rate": 2e-3, "train.warmup_steps": 500},
@@ -153,6 +155,24 @@ def fake_point(sweep, index, *, eval_losses=(), bleu=None, trained=False, status
         (workdir / "eval" / "validation.json").write_text(json.dumps({"bleu": bleu, "chrf": 40.0, "split": "x"}))
     if status:
         sweep.set_status(index, **status)
+
+
+def test_plot_labels_a_key_a_point_leaves_alone_as_the_configs_value(tmp_path, monkeypatch):
+    from flaxformer_lite import plotting
+
+    points = [{}, {"model.d_model": 128}, {"model.d_model": 192}]  # The first trains the config as it is.
+    sweep = sweep_runner.Sweep(tmp_path / "sw", "cfg.py", points, [], True, [], repo=str(ROOT))
+    for index, loss in enumerate((3.0, 2.0, 2.5)):
+        fake_point(sweep, index, eval_losses=(loss,), trained=True, status={"status": "finished"})
+    plotted = {}
+    monkeypatch.setattr(plotting, "plot_metric_vs_params",
+                        lambda rows, metric, params, path: plotted.update(rows=rows, params=params))
+    monkeypatch.setattr("matplotlib.pyplot.close", lambda figure: None)
+    rows = results.write_results(sweep, "eval/loss")
+    assert plotted["params"] == ["model.d_model"]
+    assert {r["name"]: r["model.d_model"] for r in plotted["rows"]} == {
+        sweep.names[0]: "(config)", sweep.names[1]: 128, sweep.names[2]: 192}
+    assert {r["name"]: r["model.d_model"] for r in rows}[sweep.names[0]] is None  # The table leaves it blank.
 
 
 def test_results_writer_on_a_fake_root(tmp_path):

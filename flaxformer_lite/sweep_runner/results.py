@@ -139,6 +139,9 @@ def _markdown(sweep: Sweep, rows: list[dict], columns: list[str], metric: str, m
     return "\n".join(lines) + "\n"
 
 
+CONFIG_VALUE = "(config)"  # The plot's label for a swept key that a point does not set.
+
+
 def _plot(sweep: Sweep, rows: list[dict], metric: str, path: str) -> None:
     """The metric against every swept hyperparameter that varies among the scored points."""
     scored = [r for r in rows if isinstance(r[f"{metric} (final)"], float)]
@@ -146,6 +149,8 @@ def _plot(sweep: Sweep, rows: list[dict], metric: str, path: str) -> None:
               if len({json.dumps(r[k], default=str) for r in scored}) > 1]
     if not (params and scored):
         return
+    # A point that leaves a swept key alone trains with the config's value: say so on the axis, not "None".
+    rows = [{**r, **{k: CONFIG_VALUE for k in params if r[k] is None}} for r in rows]
     try:
         from flaxformer_lite import plotting
 
