@@ -78,7 +78,9 @@ _SMALL_TRANSLATION = {
     "dataset.source_lang": "en", "tokenizer.kind": "sentencepiece", "tokenizer.vocab_size": 8000,
 }
 _MULTI30K = {**_SMALL_TRANSLATION, "dataset.path": "../shared/data/multi30k", "eval_split": "val",
-             "decode_eval_examples": 1014, "keep_checkpoints": 4}
+             "decode_eval_examples": 1014, "keep_checkpoints": 4, "model.d_model": 128, "model.d_ff": 512,
+             "model.num_encoder_layers": 4, "model.num_decoder_layers": 4, "train.learning_rate": 2e-3,
+             "train.warmup_steps": 500, "max_train_seconds": 2400}
 _SCAN = {
     **_PRESETS["small"], **_ROWS_OF_64, "model.d_model": 128, "model.num_heads": 4, "model.d_ff": 512,
     "model.num_encoder_layers": 2, "model.num_decoder_layers": 2, "model.pre_layer_norm": True,

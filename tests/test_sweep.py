@@ -61,7 +61,8 @@ def test_flags_and_names():
     assert len(space.load_sweep(str(ROOT / "experiments" / "sweeps" / "multi30k.py"))) == 8
     assert len(space.load_sweep(str(ROOT / "experiments" / "sweeps" / "multi30k.py") + ":small")) == 4
     cpu = space.load_sweep(str(ROOT / "experiments" / "sweeps" / "multi30k.py") + ":cpu")
-    assert len(cpu) == 5 and cpu[0] == {} and all(p["train.learning_rate"] == 2e-3 for p in cpu[1:])
+    assert len(cpu) == 5 and cpu[0]["model.d_model"] == 256 and cpu[0]["train.learning_rate"] == 1e-3
+    assert all(p["train.learning_rate"] == 2e-3 for p in cpu[1:])
     assert space.load_sweep(str(ROOT / "experiments" / "sweeps" / "tatoeba_en_zh.py")) == [
         {"train.learning_rate": 1e-3, "train.warmup_steps": 1000},
         {"train.learning_rate": 2e-3, "train.warmup_steps": 500},
