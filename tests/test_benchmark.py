@@ -8,6 +8,7 @@ import importlib.util
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -74,14 +75,16 @@ def test_train_mfu_on_8_virtual_devices_divides_by_all_of_them(tmp_path):
 
 def test_op_profile_prints_where_each_mode_spends_its_time(tmp_path):
     rows, stdout = _run(tmp_path, "--modes=train,greedy", "--config.data.batch_size=4", "--decode_reps=1",
-                        "--decode_batch=2", "--decode_length=4", f"--peak_gflops={PEAK_GFLOPS}", "--op_profile=3",
+                        "--decode_batch=2", "--decode_length=4", f"--peak_gflops={PEAK_GFLOPS}", "--op_profile=12",
                         devices=1)
     for row in rows:
         kinds = row["op_ms_by_kind"]
         assert kinds["matmul"] > 0 and set(kinds) == {"matmul", "reduce-window", "reduce", "custom-call",
                                                       "copy/transpose", "elementwise"}, kinds
     assert "train profile: " in stdout and "greedy profile: " in stdout
-    assert "fwd Transformer" in stdout and "dot_general" in stdout  # Instructions named by their JAX source.
+    # Instructions named by their JAX source. Which ones are slowest varies from run to run, so the check takes
+    # the 12 slowest and asks for a model product of the train step's forward or backward pass among them.
+    assert re.search(r" (fwd|bwd) Transformer/\S*dot_general", stdout), stdout
 
 
 @pytest.mark.filterwarnings("ignore:the load_module:DeprecationWarning")  # ml_collections' config loader.
